@@ -1,0 +1,1 @@
+"""ivmini: a compact InternVideo2 (model, stages, data, distributed training). See README.md."""
