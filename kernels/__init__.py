@@ -40,7 +40,7 @@ class BackendUnavailable(RuntimeError):
 _IMPLS = {op: {"ref": getattr(ref, op)} for op in ("attention", "rms_norm", "attn_pool", "masked_gather")}
 # modules that register a backend's ops when imported (imported lazily, so that `import kernels`
 # never needs triton, nvcc or a GPU)
-_BACKEND_MODULES = {"triton": (), "cuda": ()}
+_BACKEND_MODULES = {"triton": ("rmsnorm",), "cuda": ()}
 _LOGGED = set()
 
 
@@ -175,15 +175,18 @@ def attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
 
 def masked_gather(x, visible_idx, pos_embed=None, *, backend=None):
     """x (B, N, C), visible_idx (B, K) int64 sorted ascending, pos_embed (1, N, C) or None
-    -> (B, K, C) = x[b, visible_idx[b]] (+ pos_embed[0, visible_idx[b]])."""
-    _check_tensor("x", x, ndim=3)
+    -> (B, K, C) = x[b, visible_idx[b]] (+ pos_embed[0, visible_idx[b]]).
+    x may also be (L, B, N, C): L stacked layers gathered with the same indices -> (L, B, K, C)."""
+    _check_tensor("x", x)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be (B, N, C) or (L, B, N, C), got shape {tuple(x.shape)}")
     _check_tensor("visible_idx", visible_idx, ndim=2, dtypes=(torch.int64,))
-    if visible_idx.shape[0] != x.shape[0]:
+    if visible_idx.shape[0] != x.shape[-3]:
         raise ValueError(f"visible_idx {tuple(visible_idx.shape)} and x {tuple(x.shape)} differ in batch size")
     if pos_embed is not None:
         _check_tensor("pos_embed", pos_embed, ndim=3)
-        if tuple(pos_embed.shape) != (1,) + tuple(x.shape[1:]):
-            raise ValueError(f"pos_embed must be (1, N, C) = {(1,) + tuple(x.shape[1:])}, "
+        if tuple(pos_embed.shape) != (1,) + tuple(x.shape[-2:]):
+            raise ValueError(f"pos_embed must be (1, N, C) = {(1,) + tuple(x.shape[-2:])}, "
                              f"got {tuple(pos_embed.shape)}")
     _check_device(x.device, visible_idx=visible_idx, pos_embed=pos_embed)
     fn = resolve_backend("masked_gather", backend, x.device)

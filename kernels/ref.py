@@ -7,7 +7,7 @@ result cast back to the input dtype, gradients by autograd.
     attention      softmax(q k^T * scale) v  with causal / key-padding masks and GQA
     rms_norm       weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)   (InternVideo2 RMSNorm)
     attn_pool      the InternVideo2 `clip_projector`: one mean query attends over all tokens
-    masked_gather  x[b, visible_idx[b]] (+ pos_embed[0, visible_idx[b]])
+    masked_gather  x[b, visible_idx[b]] (+ pos_embed[0, visible_idx[b]]), optionally for L stacked layers
 
 Argument checking lives in kernels/__init__.py (shared by all backends); these functions assume
 valid inputs.
@@ -101,9 +101,14 @@ def attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
 
 
 def masked_gather(x, visible_idx, pos_embed=None):
-    """x (B, N, C), visible_idx (B, K) int64 -> (B, K, C): x[b, idx[b]] (+ pos_embed[0, idx[b]])."""
+    """x (B, N, C) or (L, B, N, C), visible_idx (B, K) int64 -> (B, K, C) or (L, B, K, C):
+    x[..., b, idx[b], :] (+ pos_embed[0, idx[b]]). The 4-D form gathers L stacked layers (e.g. a
+    teacher's target features) with the same visible set."""
     C = x.shape[-1]
-    out = torch.gather(x, 1, visible_idx.unsqueeze(-1).expand(-1, -1, C))
+    idx = visible_idx.unsqueeze(-1).expand(-1, -1, C)  # (B, K, C)
+    if x.dim() == 4:
+        idx = idx.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+    out = torch.gather(x, -2, idx)
     if pos_embed is not None:
-        out = out + pos_embed[0][visible_idx].to(out.dtype)  # (B, K, C)
+        out = out + pos_embed[0][visible_idx].to(out.dtype)  # (B, K, C), broadcast over L
     return out

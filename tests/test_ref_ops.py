@@ -193,6 +193,17 @@ def test_masked_gather_matches_loops(seed):
     assert torch.equal(kernels.masked_gather(x, idx), want - pos[0][idx])
 
 
+def test_masked_gather_stacked_layers(seed):
+    L, B, N, C, K = 3, 2, 7, 4, 3
+    x, pos, idx = torch.randn(L, B, N, C), torch.randn(1, N, C), sorted_idx(B, N, K)
+    out = kernels.masked_gather(x, idx, pos)
+    assert out.shape == (L, B, K, C)
+    for layer in range(L):
+        assert torch.equal(out[layer], kernels.masked_gather(x[layer], idx, pos))
+    with pytest.raises(ValueError, match="differ in batch size"):
+        kernels.masked_gather(x, sorted_idx(B + 1, N, K))
+
+
 def test_masked_gather_gradcheck(seed):
     x = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(1, 9, 3, dtype=torch.float64, requires_grad=True)

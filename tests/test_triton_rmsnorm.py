@@ -1,0 +1,53 @@
+"""Triton RMSNorm against kernels.ref evaluated in float64: output and both gradients, odd widths,
+several rows per program and one, poisoned outputs. On CPU this runs under the Triton interpreter."""
+import pytest
+import torch
+
+import kernels
+from kernels import ref
+from kernels.tl_utils import poison_outputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def check(got, want, dtype, what):
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9, 88), (130, 384), (5, 1408), (2, 3200), (1, 8192)])
+def test_rms_norm_fwd_bwd(seed, shape, dtype):
+    x = (torch.randn(*shape, device=DEVICE) * 3).to(dtype).requires_grad_()
+    w = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_()
+    with poison_outputs():
+        y = kernels.rms_norm(x, w, 1e-6, backend="triton")
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == dtype
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yd = ref.rms_norm(xd, wd, 1e-6)
+    yd.backward(dy.double())
+    check(y, yd, dtype, "y")
+    check(x.grad, xd.grad, dtype, "dx")
+    check(w.grad, wd.grad, dtype, "dw")
+
+
+def test_rms_norm_strided_rows_and_errors(seed):
+    base = torch.randn(6, 40, device=DEVICE)
+    x = base[:, :33]                        # rows with a stride of 40: handled without a copy
+    w = torch.randn(33, device=DEVICE)
+    torch.testing.assert_close(kernels.rms_norm(x, w, backend="triton"), ref.rms_norm(x, w))
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        kernels.rms_norm(base.t(), torch.ones(6, device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        kernels.rms_norm(base.double(), torch.ones(40, device=DEVICE, dtype=torch.float64), backend="triton")
+
+
+def test_rms_norm_bf16_upcast_path(seed):
+    """bf16 through the kernel: on CPU the interpreter's upcast path (arithmetic in fp32)."""
+    x, w = torch.randn(4, 96, device=DEVICE).bfloat16(), torch.randn(96, device=DEVICE).bfloat16()
+    check(kernels.rms_norm(x, w, backend="triton"), ref.rms_norm(x.double(), w.double()), torch.bfloat16, "y")
