@@ -8,7 +8,9 @@
     masked_visible_idx(mask, num_visible=None)      (helper: official boolean mask -> visible_idx)
 
 Semantics are defined once, by kernels/ref.py. Backends: "ref" (that file, any device), "triton"
-(kernels/<op>.py), "cuda" (csrc/ via kernels/cuda.py). Choice, first match wins: the `backend=`
+(kernels/*.py), "cuda" (csrc/ via kernels/cuda.py). The Triton files are flash_attn.py, rmsnorm.py,
+pooling.py and gather.py, not named after the public functions because a submodule of that name
+would shadow the function on the package. Choice, first match wins: the `backend=`
 argument, the IVMINI_BACKEND environment variable, else "triton" for CUDA tensors and "ref"
 otherwise. The choice is logged once per op. A backend that cannot run the call (not built, wrong
 device, op not implemented there) is an error: there is no silent fallback that changes numerics.
@@ -40,7 +42,8 @@ class BackendUnavailable(RuntimeError):
 _IMPLS = {op: {"ref": getattr(ref, op)} for op in ("attention", "rms_norm", "attn_pool", "masked_gather")}
 # modules that register a backend's ops when imported (imported lazily, so that `import kernels`
 # never needs triton, nvcc or a GPU)
-_BACKEND_MODULES = {"triton": ("rmsnorm",), "cuda": ()}
+_BACKEND_MODULES = {"triton": ("flash_attn", "rmsnorm", "gather", "pooling"), "cuda": ()}
+_LOADED = set()
 _LOGGED = set()
 
 
@@ -62,7 +65,9 @@ def _check_runnable(name, why, device):
     elif name == "cuda" and device.type != "cuda":
         raise BackendUnavailable(f"kernels backend 'cuda' (from {why}) needs CUDA tensors, got {device} tensors")
     for module in _BACKEND_MODULES[name]:
-        importlib.import_module(f"{__name__}.{module}")
+        if module not in _LOADED:  # import once: a module import inside a torch.compile trace breaks the graph
+            importlib.import_module(f"{__name__}.{module}")
+            _LOADED.add(module)
 
 
 def resolve_backend(op, backend, device):
@@ -81,7 +86,7 @@ def resolve_backend(op, backend, device):
     if fn is None:
         raise BackendUnavailable(f"kernels.{op} has no {name!r} implementation (backend from {why}); "
                                  f"implemented: {sorted(_IMPLS[op])}. Pass backend='ref' or set IVMINI_BACKEND=ref.")
-    if (op, name, why) not in _LOGGED:
+    if (op, name, why) not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add((op, name, why))
         log.info("kernels.%s: backend %r (%s)", op, name, why)
     return fn

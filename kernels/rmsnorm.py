@@ -99,7 +99,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
 
 
 @torch.library.custom_op("ivmini::rms_norm_bwd", mutates_args=())
@@ -127,7 +127,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup(ctx, inputs, output):

@@ -51,3 +51,10 @@ def test_rms_norm_bf16_upcast_path(seed):
     """bf16 through the kernel: on CPU the interpreter's upcast path (arithmetic in fp32)."""
     x, w = torch.randn(4, 96, device=DEVICE).bfloat16(), torch.randn(96, device=DEVICE).bfloat16()
     check(kernels.rms_norm(x, w, backend="triton"), ref.rms_norm(x.double(), w.double()), torch.bfloat16, "y")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real InternVideo2 shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 417, 1408), (8, 2049, 3200)])
+def test_rms_norm_real_shapes_gpu(seed, shape, dtype):
+    test_rms_norm_fwd_bwd(seed, shape, dtype)
