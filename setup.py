@@ -5,13 +5,13 @@ Nothing is compiled at install time: the CUDA extension in csrc/ is built on fir
 torch is not pinned here so that a CPU-only machine can install the CPU build first
 (`pip install torch==2.13.0`); see README.md.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ivmini",
     version="0.1.0",
     description="Compact InternVideo2 reimplementation with Triton/CUDA kernels and an FSDP2 trainer",
-    packages=["ivmini", "kernels"],
+    packages=find_packages(include=["ivmini", "ivmini.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

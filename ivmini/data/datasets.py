@@ -1,0 +1,288 @@
+"""Annotation formats, the dataset every stage uses, robust loading, resumable sampling and collation.
+
+Formats (paths relative to a data root; the synthetic world writes all of them):
+    stage-1 list      "[source] path total_time start end label" per line (single_modality
+                      mae_multi.py; start/end in seconds, -1 = whole clip; sources in NO_FLIP_SOURCES,
+                      e.g. "ssv2" and "synthetic", are never flipped: their labels say left/right)
+    stage-2 JSON      [{"video"|"image": path, "caption": str, "<any>caption<any>": str ..., or
+                      "captions": [str, ...], optional "start"/"end" seconds}]  (multi_modality pt_dataset)
+    eval JSON         [{"video": path, "caption": str | [str, ...]}]  (VINDLU, retrieval/zero-shot)
+    classify CSV      "path,label" per line (Kinetics_sparse)
+    instruct JSON     [{"video": path, "QA": [{"i", "q", "a", ...}, ...]}]  (VideoChat2 instruction data)
+Captions are cleaned with `pre_text`, identical to the official one.
+
+Robust loading: a video or audio that cannot be decoded (ivmini.data.DecodeError, and only that) is
+skipped: the sample is replaced by the next index, the path is recorded and reported with the batch
+(key "skipped"), and once more than `max_fail_fraction` of the dataset has failed (per process) a
+RuntimeError names examples. Never an endless random retry.
+
+Determinism: each sample's randomness (frame choice, crop, flip, audio window, caption choice) comes
+from a numpy Generator seeded with (seed, epoch, index), so it does not depend on worker count or
+order; ShardedSampler gives each rank its slice of a per-epoch permutation and can start mid-epoch,
+so a resumed run sees exactly the samples it would have seen.
+"""
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .audio import audio_features, read_audio
+from .transforms import get_transform, make_rng
+from .video import DecodeError, read_frames
+
+
+def pre_text(text, max_l=None):
+    """The official caption cleaning: lowercase, drop ,.'!?"()*#:;~, '-' and '/' to spaces, <person>
+    to person, collapse spaces, strip; optionally keep the first max_l words."""
+    if not isinstance(text, str):
+        raise TypeError(f"caption must be a string, got {type(text).__name__}: {text!r}")
+    text = re.sub(r"([,.'!?\"()*#:;~])", "", text.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    if max_l:
+        words = text.split(" ")
+        text = " ".join(words[:max_l])
+    return text
+
+
+@dataclass
+class Record:
+    path: str                                   # relative to the data root (or absolute)
+    media: str = "video"                        # "video" or "image"
+    label: int = -1
+    captions: dict = field(default_factory=dict)   # key -> caption, e.g. caption / audio_caption / av_caption
+    caption_list: list = field(default_factory=list)   # alternatives, one drawn per sample
+    start: Optional[float] = None               # seconds
+    end: Optional[float] = None
+    source: str = ""
+    qa: list = field(default_factory=list)
+
+
+def _fail(path, lineno, msg):
+    raise ValueError(f"{path}:{lineno}: {msg}")
+
+
+def read_stage1_list(path, sep=" "):
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.strip().split(sep) if sep != " " else line.split()
+            if not parts or parts == [""]:
+                continue
+            if len(parts) not in (5, 6):
+                _fail(path, lineno, f"expected '[source] path total_time start end label', got {line.strip()!r}")
+            source = parts[0] if len(parts) == 6 else ""
+            vid, total, start, end, label = parts[-5:]
+            try:
+                total, start, end, label = float(total), float(start), float(end), int(label)
+            except ValueError:
+                _fail(path, lineno, f"total_time/start/end must be numbers and label an int: {line.strip()!r}")
+            window = total != -1 and start != -1 and end != -1
+            records.append(Record(vid, label=label, source=source, start=start if window else None,
+                                  end=end if window else None))
+    return records
+
+
+def _load_json_list(path):
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    return data
+
+
+def read_stage2_json(path):
+    records = []
+    for i, item in enumerate(_load_json_list(path)):
+        media = "video" if "video" in item else "image" if "image" in item else None
+        if media is None:
+            _fail(path, i, f"entry has neither 'video' nor 'image': {item}")
+        caps = {k: pre_text(v) for k, v in item.items() if "caption" in k and isinstance(v, str)}
+        alts = [pre_text(c) for c in item.get("captions", [])]
+        if not caps and not alts:
+            _fail(path, i, f"entry has no caption: {item}")
+        records.append(Record(item[media], media=media, captions=caps, caption_list=alts,
+                              start=item.get("start"), end=item.get("end")))
+    return records
+
+
+def read_eval_json(path):
+    records = []
+    for i, item in enumerate(_load_json_list(path)):
+        if "video" not in item or "caption" not in item:
+            _fail(path, i, f"entry needs 'video' and 'caption': {item}")
+        caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+        records.append(Record(item["video"], caption_list=[pre_text(c) for c in caps]))
+    return records
+
+
+def read_classify_csv(path, sep=","):
+    records = []
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter=sep), 1):
+            if not row:
+                continue
+            if len(row) != 2:
+                _fail(path, lineno, f"expected 'path{sep}label', got {row}")
+            try:
+                records.append(Record(row[0], label=int(row[1])))
+            except ValueError:
+                _fail(path, lineno, f"label must be an int, got {row[1]!r}")
+    return records
+
+
+def read_instruct_json(path):
+    records = []
+    for i, item in enumerate(_load_json_list(path)):
+        if "video" not in item or not item.get("QA"):
+            _fail(path, i, f"entry needs 'video' and a non-empty 'QA' list: {item}")
+        records.append(Record(item["video"], qa=item["QA"]))
+    return records
+
+
+# sources whose labels depend on left/right: never flipped (official: "ssv2"; the synthetic world)
+NO_FLIP_SOURCES = ("ssv2", "sthv2", "something-something", "synthetic")
+
+READERS = {"stage1": read_stage1_list, "stage2": read_stage2_json, "eval": read_eval_json,
+           "classify": read_classify_csv, "instruct": read_instruct_json}
+
+
+# ---------------------------------------------------------------------------------------------
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Records -> samples {"video": float32 (3, T, size, size), "audio": (998, 64) if audio,
+    "label", "caption"/"captions", "qa", "index", "path", "skipped"}.
+
+    transform: "stage1" | "stage2" | "test" (see transforms.py); sample: "rand" | "middle";
+    flip=False turns horizontal flips off for every record (e.g. the synthetic world's stage-2 JSON).
+    """
+
+    def __init__(self, records, root, *, num_frames, size, transform="stage1", sample="rand", audio=False,
+                 flip=True, seed=0, max_fail_fraction=0.01, max_audio_seconds=10):
+        if not records:
+            raise ValueError(f"no records to load (data root {root})")
+        self.records, self.root = records, root
+        self.num_frames, self.size, self.sample, self.audio, self.flip = num_frames, size, sample, audio, flip
+        self.transform = get_transform(transform)
+        self.seed, self.epoch = seed, 0
+        self.max_failures = max_fail_fraction * len(records)
+        self.max_audio_seconds = max_audio_seconds
+        self.failed = {}                       # path -> reason, in this process
+
+    def __len__(self):
+        return len(self.records)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _path(self, rec):
+        return rec.path if os.path.isabs(rec.path) else os.path.join(self.root, rec.path)
+
+    def load(self, index, rng):
+        rec = self.records[index]
+        path = self._path(rec)
+        n = 1 if rec.media == "image" else self.num_frames
+        frames = read_frames(path, n, self.sample, start=rec.start, end=rec.end, rng=rng)   # (T, H, W, 3) uint8
+        flip = self.flip and rec.source.lower() not in NO_FLIP_SOURCES
+        out = {"video": self.transform(frames, self.size, rng, flip=flip), "label": rec.label, "index": index,
+               "path": rec.path}
+        if self.audio:
+            wave = read_audio(path, max_seconds=self.max_audio_seconds, rng=rng)
+            out["audio"] = audio_features(wave)                                              # (998, 64)
+        if rec.captions:
+            out["captions"] = dict(rec.captions)
+        if rec.caption_list:
+            out["caption"] = rec.caption_list[rng.integers(len(rec.caption_list))]
+        elif "caption" in rec.captions:
+            out["caption"] = rec.captions["caption"]
+        if rec.qa:
+            out["qa"] = rec.qa
+        return out
+
+    def __getitem__(self, index):
+        skipped = []
+        for attempt in range(len(self.records)):
+            j = (index + attempt) % len(self.records)
+            try:
+                sample = self.load(j, make_rng(self.seed, self.epoch, j))
+            except DecodeError as e:
+                path = self.records[j].path
+                skipped.append(path)
+                self.failed[path] = str(e)
+                if len(self.failed) > self.max_failures:
+                    examples = "; ".join(f"{p}: {r}" for p, r in list(self.failed.items())[:5])
+                    raise RuntimeError(f"{len(self.failed)} of {len(self)} samples could not be decoded, more than "
+                                       f"the allowed {self.max_failures:g} (max_fail_fraction). Examples: {examples}") from e
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(f"no sample of {len(self)} could be decoded")
+
+
+def collate(samples):
+    """Stack tensors (shapes must agree), numbers -> tensors, dicts of strings -> dict of lists,
+    everything else -> list; "skipped" lists are concatenated."""
+    out = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if key == "skipped":
+            out[key] = [p for v in vals for p in v]
+        elif isinstance(vals[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in vals}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot batch '{key}' of different shapes {sorted(shapes)} "
+                                 f"(mixed images and videos, or different frame counts?)")
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float)):
+            out[key] = torch.tensor(vals)
+        elif isinstance(vals[0], dict):
+            out[key] = {k: [v[k] for v in vals] for k in vals[0]}
+        else:
+            out[key] = vals
+    return out
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Indices for one rank: a permutation of range(n) drawn from (seed, epoch) (or the identity
+    without shuffle), padded by wrapping to a multiple of world_size, rank r taking every world-th
+    index from r; `start` skips the first `start` indices of this rank (resuming mid-epoch)."""
+
+    def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0):
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world_size, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        order = make_rng(self.seed, self.epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
+        per_rank = -(-self.n // self.world)
+        order = np.resize(order, per_rank * self.world)          # wrap around to an equal share
+        return order[self.rank::self.world].tolist()
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self):
+        return -(-self.n // self.world) - self.start
+
+
+def worker_init_fn(worker_id):
+    """Seed python/numpy/torch in each worker from the loader's base seed (for any library randomness;
+    ivmini's own sampling uses per-sample seeds and does not need it)."""
+    import random
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=None, drop_last=True):
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate, pin_memory=pin, drop_last=drop_last,
+                                       worker_init_fn=worker_init_fn, persistent_workers=False)

