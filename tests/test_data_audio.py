@@ -62,7 +62,8 @@ def test_read_audio_tone(tmp_path, seed, codec, ext, sr):
     assert -1 - (16 if ext == "mp4" else 0) <= excess <= 1, (freq, n, len(wave))
     assert peak_hz(wave.numpy(), 16000) == pytest.approx(freq, rel=0.01)
     mid = wave[len(wave) // 4 : -len(wave) // 4]
-    assert float(mid.pow(2).mean().sqrt()) == pytest.approx(0.5 / math.sqrt(2), rel=0.05)  # sine RMS
+    # sine RMS; AAC's lossy coding moves the amplitude of a pure tone by up to ~6% (seen over 200 seeds)
+    assert float(mid.pow(2).mean().sqrt()) == pytest.approx(0.5 / math.sqrt(2), rel=0.1 if codec == "aac" else 0.05)
 
 
 def test_read_audio_averages_channels(tmp_path):
