@@ -182,6 +182,23 @@ class AttentionPool(nn.Module):
         self.norm1_v = nn.LayerNorm(dim, eps=eps)
         self.cross_attn = PoolProjections(dim, out_dim)
 
+    def attention_weights(self, x):
+        """The pool's softmax weights over the N tokens, averaged over heads: (B, N), fp32.
+
+        Used by teachers for semantic masking (official `return_attn`). Computed without K: with one
+        query per head the score of token j is LN_k(x_j) . (W_k,h^T q_h) + a per-head constant
+        (the same fold as kernels/pooling.py), so this costs O(N C H) instead of a K projection.
+        """
+        B, N, C = x.shape
+        a, H = self.cross_attn, self.num_heads
+        d = C // H
+        xf = x.float()
+        q = F.linear(self.norm1_q(xf.mean(1)), a.q.weight.float(), a.q_bias.float())         # (B, C)
+        u = torch.einsum("bhd,hdc->bhc", q.view(B, H, d), a.k.weight.float().view(H, d, C))  # (B, H, C)
+        xhat = F.layer_norm(xf, (C,), eps=self.eps)                                          # (B, N, C)
+        s = torch.einsum("bnc,bhc->bhn", xhat, u * self.norm1_k.weight.float()) * d ** -0.5  # (B, H, N)
+        return s.softmax(dim=-1).mean(dim=1)
+
     def forward(self, x):
         a = self.cross_attn
         return kernels.attn_pool(

@@ -14,7 +14,7 @@ Heads, by `cfg.heads` (the official class each reproduces, key for key):
 There is no final norm after the last block (as in every InternVideo2 model).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -124,6 +124,7 @@ class VisionOutput:
     final_align: Optional[torch.Tensor] = None    # (B, clip_teacher_final_dim)          distill/align
     mae_align: Optional[torch.Tensor] = None      # (K, B, Nvis, mae_teacher_embed_dim)  distill
     visible_idx: Optional[torch.Tensor] = None    # (B, 1+Nvis) positions kept (None when unmasked)
+    layers: list = field(default_factory=list)    # outputs of the blocks asked for with return_layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +216,13 @@ class VideoViT(nn.Module):
         C, g2 = table.shape[-1], self.cfg.grid ** 2
         return torch.cat([table[:, :1], table[:, 1:].view(1, -1, g2, C).mean(dim=1)], dim=1)
 
-    def forward(self, video, mask=None, *, visible_idx=None, return_idx=-1, image=False) -> VisionOutput:
+    def forward(self, video, mask=None, *, visible_idx=None, return_idx=-1, image=False, return_layers=(),
+                pool=True) -> VisionOutput:
         """video (B, 3, T, H, W) (T = 1 with image=True); mask (B, 1+N) bool, True = masked (the CLS
         slot included, it must stay visible), or visible_idx (B, 1+Nvis) int64 ascending.
-        return_idx: run blocks up to depth + return_idx (-1 = all); the heads run only for -1."""
+        return_idx: run blocks up to depth + return_idx (-1 = all); the heads run only for -1.
+        return_layers: block indices whose outputs are returned in out.layers (ascending order).
+        pool=False skips the pooling head and the heads after it (e.g. for a teacher that pools itself)."""
         cfg = self.cfg
         want_t = 1 if image else cfg.num_frames
         if video.dim() != 5 or tuple(video.shape[1:]) != (cfg.in_chans, want_t, cfg.img_size, cfg.img_size):
@@ -242,15 +246,17 @@ class VideoViT(nn.Module):
             x = x + pos.to(x.dtype)
 
         last = cfg.depth + return_idx
-        clip_feats, mae_feats = [], []
+        clip_feats, mae_feats, layers = [], [], []
         for i, blk in enumerate(self.blocks[:last + 1]):
             x = checkpoint(blk, x, use_reentrant=False) if i < cfg.checkpoint_num and self.training else blk(x)
             if cfg.heads in ("distill", "align") and i in cfg.clip_return_index:
                 clip_feats.append(x)
             if cfg.heads == "distill" and i in cfg.mae_return_index:
                 mae_feats.append(x[:, 1:])                                         # no CLS
-        out = VisionOutput(tokens=x, visible_idx=visible_idx)
-        if return_idx != -1:
+            if i in return_layers:
+                layers.append(x)
+        out = VisionOutput(tokens=x, visible_idx=visible_idx, layers=layers)
+        if return_idx != -1 or not pool:
             return out
 
         out.pooled = self.clip_projector(x)                                        # (B, clip_embed_dim)

@@ -265,3 +265,27 @@ def test_drop_path_and_activation_checkpointing(seed):
         model(video).pooled.square().sum().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_pool_attention_weights_equal_the_unfused_softmax(seed):
+    import torch.nn.functional as F
+    from ivmini.layers import AttentionPool
+    pool = AttentionPool(48, 4, 16)
+    for p in pool.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(3, 11, 48)
+    a = pool.cross_attn
+    q = F.linear(pool.norm1_q(x.mean(1, keepdim=True)), a.q.weight, a.q_bias).view(3, 1, 4, 12).transpose(1, 2)
+    k = F.linear(pool.norm1_k(x), a.k.weight, a.k_bias).view(3, 11, 4, 12).transpose(1, 2)
+    want = (q @ k.transpose(-1, -2) / 12 ** 0.5).softmax(-1).mean(1).squeeze(1)       # (B, N)
+    torch.testing.assert_close(pool.attention_weights(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_return_layers(seed):
+    m = VideoViT(small(heads="none")).eval()
+    video = torch.randn(2, 3, 4, 42, 42)
+    out = m(video, return_layers=(0, 2), pool=False)
+    assert out.pooled is None and len(out.layers) == 2
+    x = m(video, return_idx=-3).tokens
+    torch.testing.assert_close(out.layers[0], x)
+    torch.testing.assert_close(out.layers[1], out.tokens)
