@@ -236,3 +236,68 @@ def load_official(kind, state_dict_or_path, *, prefix="auto", ignore=(), orig_t_
         log.info("kept the initialisation of %d ignored key(s): %s", len(not_loaded), ", ".join(not_loaded[:10]))
     model.load_state_dict(sd, strict=False)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# export: a training checkpoint -> one file in the official stage-1 layout
+
+def official_kwargs(cfg: VisionConfig):
+    """The official PretrainInternVideo2 (single_modality) keyword arguments equal to a distill VisionConfig,
+    plus ivmini's mlp_act: load_official("stage1_pretrain", path, **official_kwargs(cfg)) rebuilds the model."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                qk_normalization=cfg.qk_norm, init_values=cfg.init_values, num_frames=cfg.num_frames,
+                tubelet_size=cfg.tubelet_size, drop_path_rate=cfg.drop_path_rate,
+                attn_pool_num_heads=cfg.attn_pool_num_heads, clip_embed_dim=cfg.clip_embed_dim,
+                layerscale_no_force_fp32=not cfg.layerscale_fp32,
+                clip_teacher_embed_dim=cfg.clip_teacher_embed_dim, clip_teacher_final_dim=cfg.clip_teacher_final_dim,
+                clip_norm_type=cfg.clip_norm_type, clip_return_layer=cfg.clip_return_layer,
+                clip_student_return_interval=cfg.clip_student_return_interval,
+                mae_teacher_embed_dim=cfg.mae_teacher_embed_dim, mae_norm_type=cfg.mae_norm_type,
+                mae_return_layer=cfg.mae_return_layer, mae_student_return_interval=cfg.mae_student_return_interval,
+                mlp_act=cfg.mlp_act)
+
+
+def export(ckpt, out):
+    """Consolidate a sharded training checkpoint (a step_* directory, or a run folder: its newest
+    checkpoint) into `out` (.pt: a plain state dict with the official stage-1 key names, or .safetensors)
+    and write the load_official arguments next to it (`out` with .json)."""
+    import json
+
+    from .dist import consolidate, latest_checkpoint
+    path = latest_checkpoint(ckpt) or latest_checkpoint(os.path.join(ckpt, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint at {ckpt}")
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    cfg = VisionConfig(**meta["student_config"])
+    state = {k: v.detach().clone().contiguous() for k, v in consolidate(path).items()}
+    tmp = out + ".tmp"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, tmp)
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, out)
+    kwargs = official_kwargs(cfg)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({"kind": "stage1_pretrain", "step": meta["step"], "kwargs": kwargs}, f, indent=1)
+    return path, kwargs
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="ivmini checkpoint tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="sharded training checkpoint -> one file in the official stage-1 layout")
+    ex.add_argument("ckpt", help="a checkpoints/step_* directory, or a run folder (its newest checkpoint)")
+    ex.add_argument("out", help="output file: .pt (plain state dict) or .safetensors")
+    args = ap.parse_args(argv)
+    path, kwargs = export(args.ckpt, args.out)
+    print(f"exported {path} -> {args.out} ({os.path.splitext(args.out)[0]}.json holds the load_official arguments)")
+    print("load it with: from ivmini.checkpoint import load_official; "
+          f"load_official('stage1_pretrain', {args.out!r}, **json.load(open(...))['kwargs'])")
+
+
+if __name__ == "__main__":
+    main()

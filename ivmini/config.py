@@ -122,3 +122,64 @@ def vision_config(preset="tiny", **overrides):
     if unknown:
         raise TypeError(f"unknown VisionConfig field(s) {unknown}")
     return replace(VisionConfig(**VISION_PRESETS[preset]), **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    preset: str = "tiny"             # student size (VISION_PRESETS)
+    data: str = ""                   # annotation file (stage-1 list ...); "" = the synthetic world
+    data_root: str = ""              # root of the paths inside `data` (default: the world's folder)
+    out: str = "runs/stage1"
+    resume: str = ""                 # "" = start fresh, "auto" = newest checkpoint in out, or a checkpoint dir
+    max_steps: int = 300
+    batch_size: int = 8              # clips per rank per micro-batch
+    accum: int = 1                   # micro-batches per optimizer step
+    base_lr: float = 1.5e-4          # official: lr = base_lr * global_batch / 256
+    min_lr: float = 1e-5             # likewise scaled by global_batch / 256
+    warmup_steps: int = 30           # linear from 0, then step-level cosine to min_lr
+    weight_decay: float = 0.05       # not on 1-D params, biases, position tables, cls token
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    clip_grad: float = 3.0
+    num_frames: int = 8              # student frames; the motion teacher sees twice as many
+    img_size: int = 0                # 0 = the preset's
+    mask_ratio: float = 0.8
+    clip_return_layer: int = 2       # official 1B: 6 (student blocks 34-39 <-> teacher 42-47)
+    mae_return_layer: int = 2        # official 1B: 4
+    loss_clip_middle: float = 1.0
+    loss_clip_final: float = 1.0
+    loss_mae: float = 1.0
+    teacher_multimodal: str = ""     # InternVL-C .pth / OpenAI-CLIP visual weights; "" = small random teacher
+    teacher_multimodal_kind: str = "internvl"   # internvl | clip
+    teacher_motion: str = ""         # VideoMAEv2-g .pth; "" = small random teacher
+    workers: int = 2                 # DataLoader worker processes per rank
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    backend: str = ""                # kernels backend: "" = default (triton on CUDA, ref on CPU)
+    compile: bool = False            # torch.compile the student's blocks
+    max_skips: int = 10              # non-finite steps skipped before aborting
+    fault_nan_step: int = -1         # testing: rank fault_nan_rank's loss is NaN at this step
+    fault_nan_rank: int = 0
+
+
+def train_config(stage=1, preset="tiny", **overrides):
+    """The recipe of a stage for a preset, then `overrides`. Official stage-1 numbers (facts §2.5)
+    for the 1B/6B presets; the tiny preset keeps them but trains briefly on the synthetic world."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown TrainConfig field(s) {unknown}")
+    recipe = dict(stage=stage, preset=preset, out=f"runs/stage{stage}")
+    if preset == "tiny":   # a few hundred CPU steps: a 10x larger rate (1e-3 at a global batch of 16)
+        recipe.update(base_lr=1.6e-2, min_lr=1.6e-3, warmup_steps=20)
+    if stage == 1 and preset in ("1B", "6B"):
+        recipe.update(batch_size=32 if preset == "1B" else 8, clip_return_layer=6, mae_return_layer=4,
+                      max_steps=100_000, warmup_steps=10_000, ckpt_every=1000, log_every=50, workers=8)
+    return replace(TrainConfig(**recipe), **overrides)

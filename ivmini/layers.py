@@ -4,7 +4,7 @@ once, here.
     RMSNorm        InternVideo2 RMSNorm (fp32 statistics), via kernels.rms_norm
     LayerScale     per-channel residual scale `gamma` (optionally multiplied in fp32)
     DropPath       stochastic depth, per sample
-    Mlp            fc1 -> GELU (exact or tanh) -> fc2
+    Mlp            fc1 -> GELU (exact or tanh) or QuickGELU -> fc2
     Attention      multi-head attention: self (fused qkv) or cross (q + kv), causal, GQA, qk-norm
     Block          pre-norm transformer block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x)))
     AttentionPool  the InternVideo2 `clip_projector`: mean query, one attention, via kernels.attn_pool
@@ -68,16 +68,22 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> act -> fc2. act: "gelu" (exact erf), "gelu_tanh" (tanh approximation, flash_attn's
+    FusedMLP default) or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)."""
+
     def __init__(self, dim, hidden, act="gelu", out_dim=None, bias=True):
         super().__init__()
-        if act not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"Mlp act must be 'gelu' or 'gelu_tanh', got {act!r}")
+        if act not in ("gelu", "gelu_tanh", "quick_gelu"):
+            raise ValueError(f"Mlp act must be 'gelu', 'gelu_tanh' or 'quick_gelu', got {act!r}")
+        self.act = act
         self.approximate = "tanh" if act == "gelu_tanh" else "none"
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        h = self.fc1(x)
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h, approximate=self.approximate)
+        return self.fc2(h)
 
 
 class Attention(nn.Module):
