@@ -42,7 +42,7 @@ class BackendUnavailable(RuntimeError):
 _IMPLS = {op: {"ref": getattr(ref, op)} for op in ("attention", "rms_norm", "attn_pool", "masked_gather")}
 # modules that register a backend's ops when imported (imported lazily, so that `import kernels`
 # never needs triton, nvcc or a GPU)
-_BACKEND_MODULES = {"triton": ("flash_attn", "rmsnorm", "gather", "pooling"), "cuda": ()}
+_BACKEND_MODULES = {"triton": ("flash_attn", "rmsnorm", "gather", "pooling"), "cuda": ("cuda",)}
 _LOADED = set()
 _LOGGED = set()
 

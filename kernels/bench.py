@@ -216,7 +216,7 @@ OPS = {"attention": bench_attention, "rms_norm": bench_rms_norm, "attn_pool": be
 # report
 
 def annotate(results, ceil):
-    """Add ratio-to-best-torch and % of ceiling to every timed row."""
+    """Add ratio-to-best-torch and % of ceiling to every timed row (and cuda's ratio to triton)."""
     for op, rows in results.items():
         for row in rows:
             if "ms" not in row:
@@ -225,6 +225,10 @@ def annotate(results, ceil):
                         and "ms" in r and (r["impl"].startswith(("torch", "sdpa")))]
             if torch_ms:
                 row["vs_best_torch"] = min(torch_ms) / row["ms"]
+            triton_ms = [r["ms"] for r in rows if r["shape"] == row["shape"] and r["mode"] == row["mode"]
+                         and r["impl"] == "triton" and "ms" in r]
+            if row["impl"] == "cuda" and triton_ms:
+                row["vs_triton"] = triton_ms[0] / row["ms"]      # > 1: the CUDA kernel is faster
             limit = ceil["matmul_tflops"] if row["unit"] == "TFLOP/s" else ceil["copy_gbps"]
             if limit:
                 row["pct_of_ceiling"] = 100 * row["value"] / limit
@@ -235,15 +239,17 @@ def print_table(results, ceil):
         print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s")
     for op, rows in results.items():
         print(f"\n{op}")
-        print(f"  {'shape':34s} {'mode':8s} {'impl':18s} {'ms':>9s} {'value':>14s} {'vs torch':>9s} {'%ceil':>6s}")
+        print(f"  {'shape':34s} {'mode':8s} {'impl':18s} {'ms':>9s} {'value':>14s} {'vs torch':>9s} {'%ceil':>6s} "
+              f"{'vs triton':>9s}")
         for r in rows:
             if "ms" not in r:
                 print(f"  {r['shape']:34s} {r['mode']:8s} {r['impl']:18s}   n/a: {r['error'][:70]}")
                 continue
             vs = f"{r['vs_best_torch']:.2f}x" if "vs_best_torch" in r else ""
             pc = f"{r['pct_of_ceiling']:.0f}" if "pct_of_ceiling" in r else ""
+            vt = f"{r['vs_triton']:.2f}x" if "vs_triton" in r else ""
             print(f"  {r['shape']:34s} {r['mode']:8s} {r['impl']:18s} {r['ms']:9.3f} "
-                  f"{r['value']:8.1f} {r['unit']:7s}{vs:>8s} {pc:>6s}")
+                  f"{r['value']:8.1f} {r['unit']:7s}{vs:>8s} {pc:>6s} {vt:>9s}")
 
 
 def environment():

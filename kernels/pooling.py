@@ -11,7 +11,7 @@ be the LayerNorm-normalised row before its affine (shared by LN_k and LN_v), gam
     p_jh = softmax_j(s_jh);            z_h = sum_j p_jh xhat_j         (C,)   (sum_j p_jh = 1)
     o_h  = Wv_h (gamma_v * z_h + beta_v) + bv_h;     out = concat_h(o_h) Wo^T + bo
 So the only work proportional to N is: row statistics of x, S = Xhat A^T (N x H) and Z = P^T Xhat (H x C).
-Everything else is O(B C^2) and runs in torch (fp32). beta_k and bk only add the cancelling constant: their
+Everything else is O(B C^2) and runs in torch (fp32, kernels/pool_math.py, shared with the CUDA backend). beta_k and bk only add the cancelling constant: their
 gradient is exactly zero.
 
 Kernels (x is read as stored; statistics and accumulators fp32; grids put the blocks of one sample next
@@ -60,12 +60,13 @@ of Z) would save one read of x; fusing dA into the dx pass one more in the backw
 
 Test: pytest tests/test_triton_pool.py       Benchmark: python -m kernels.bench attn_pool
 """
+from types import SimpleNamespace
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import ref, register
+from . import pool_math, ref, register
 from .tl_utils import (autotune, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard, empty,
                        next_pow2)
 
@@ -238,18 +239,19 @@ def _colsum(x, p, mu, rstd):
     return z
 
 
-def _query_path(xbar, ln_q_w, ln_q_b, wq, bq, wk, ln_k_w, num_heads, eps):
-    """The tiny query side, fp32: xbar (B, C) -> normalised xbar, rstd, LN_q output, q (B, C), u, a (B, H, C)."""
-    B, C = xbar.shape
-    d = C // num_heads
-    mu_q = xbar.mean(-1, keepdim=True)
-    rstd_q = torch.rsqrt(xbar.var(-1, unbiased=False, keepdim=True) + eps)     # (B, 1)
-    xhat_q = (xbar - mu_q) * rstd_q
-    qin = xhat_q * ln_q_w.float() + ln_q_b.float()
-    q = F.linear(qin, wq.float(), bq.float())                                    # (B, C)
-    u = torch.einsum("bhd,hdc->bhc", q.view(B, num_heads, d), wk.float().view(num_heads, d, C))  # (B, H, C)
-    a = u * (ln_k_w.float() * d ** -0.5)
-    return xhat_q, rstd_q, qin, q, u, a
+def _dx(x, g, m, mu, rstd, c1, c2, r):
+    """rstd (g m - c1 - xhat c2) + r (B, N, C) in x.dtype; g (B, N, K), m (B, K, C), c1/c2 (B, N), r (B, C)."""
+    B, N, C = x.shape
+    K = g.shape[2]
+    dx = empty((B, N, C), x.dtype, x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
+    with device_guard(x):
+        _attn_pool_bwd_dx_kernel[grid](x, g, m, mu, rstd, c1, c2, r, dx, N, C, K, x.stride(0), x.stride(1),
+                                       **_meta(x, K))
+    return dx
+
+
+_OPS = SimpleNamespace(rowdot=_rowdot, colsum=_colsum, dx=_dx)
 
 
 @torch.library.custom_op("ivmini::attn_pool_fwd", mutates_args=())
@@ -259,17 +261,8 @@ def attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, l
                   wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
-    B, N, C = x.shape
-    H, d = num_heads, C // num_heads
-    xbar = x.mean(1, dtype=torch.float32)                                        # (B, C)
-    a = _query_path(xbar, ln_q_w, ln_q_b, wq, bq, wk, ln_k_w, H, eps)[-1]        # (B, H, C)
-    s, mu, rstd = _rowdot(x, a, eps)                                             # (B, N, H), (B, N) x2
-    p = torch.softmax(s, dim=1)                                                  # over tokens
-    z = _colsum(x, p, mu, rstd)                                                  # (B, H, C)
-    w = z * ln_v_w.float() + ln_v_b.float()                                     # pooled LN_v(x), per head
-    o = torch.einsum("bhc,hdc->bhd", w, wv.float().view(H, d, C)).reshape(B, C) + bv.float()  # (B, C)
-    out = F.linear(o, wo.float(), bo.float())
-    return out.to(x.dtype), xbar, z
+    return pool_math.forward(_OPS, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
+                             num_heads, eps)
 
 
 @attn_pool_fwd.register_fake
@@ -286,52 +279,8 @@ def attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_
                   bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
                   num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments, each in its input's dtype."""
-    B, N, C = x.shape
-    H, d = num_heads, C // num_heads
-    dout = dout.float()                                                          # (B, out)
-    xhat_q, rstd_q, qin, q, u, a = _query_path(xbar, ln_q_w, ln_q_b, wq, bq, wk, ln_k_w, H, eps)
-    # value and output side: o = Wv_h w_h + bv_h, w_h = gamma_v z_h + beta_v
-    w = z * ln_v_w.float() + ln_v_b.float()                                     # (B, H, C)
-    o = torch.einsum("bhc,hdc->bhd", w, wv.float().view(H, d, C)).reshape(B, C) + bv.float()
-    dwo, dbo = dout.t() @ o, dout.sum(0)                                         # (out, C), (out,)
-    do = (dout @ wo.float()).view(B, H, d)                                       # (B, H, d)
-    dwv = torch.einsum("bhd,bhc->hdc", do, w).reshape(C, C)
-    dbv = do.sum(0).reshape(C)
-    dw = torch.einsum("bhd,hdc->bhc", do, wv.float().view(H, d, C))             # (B, H, C)
-    dln_v_w, dln_v_b = (dw * z).sum((0, 1)), dw.sum((0, 1))
-    dz = dw * ln_v_w.float()                                                     # (B, H, C)
-    # token side: one pass gives dP = xhat dZ^T and S = xhat A^T (so P is recomputed, not saved)
-    m = torch.cat([dz, a], dim=1)                                                # (B, 2H, C)
-    sd, mu, rstd = _rowdot(x, m, eps)                                            # (B, N, 2H)
-    dp, s = sd[..., :H], sd[..., H:]                                             # (B, N, H) each
-    p = torch.softmax(s, dim=1)
-    ds = p * (dp - (p * dp).sum(1, keepdim=True))                                # softmax backward over tokens
-    da = _colsum(x, ds, mu, rstd)                                                # (B, H, C) = dS^T xhat
-    # query side, by hand: a = gamma_k u / sqrt(d), u_h = Wk_h^T q_h, q = LN_q(xbar) Wq^T + bq
-    dln_k_w = (da * u).sum((0, 1)) * d ** -0.5
-    du = da * (ln_k_w.float() * d ** -0.5)                                       # (B, H, C)
-    dwk = torch.einsum("bhd,bhc->hdc", q.view(B, H, d), du).reshape(C, C)
-    dq = torch.einsum("hdc,bhc->bhd", wk.float().view(H, d, C), du).reshape(B, C)
-    dwq, dbq = dq.t() @ qin, dq.sum(0)
-    dqin = dq @ wq.float()                                                       # (B, C)
-    dln_q_w, dln_q_b = (dqin * xhat_q).sum(0), dqin.sum(0)
-    dxhat_q = dqin * ln_q_w.float()
-    dxbar = rstd_q * (dxhat_q - dxhat_q.mean(-1, keepdim=True)
-                      - xhat_q * (dxhat_q * xhat_q).mean(-1, keepdim=True))      # (B, C)
-    # dx: dxhat_j = P_j dZ + dS_j A = G_j M, then the LayerNorm backward (row means from tiny tensors)
-    g = torch.cat([p, ds], dim=2)                                                # (B, N, 2H)
-    c1 = (g @ m.sum(-1).unsqueeze(-1)).squeeze(-1) / C                           # (B, N) mean_c(dxhat)
-    c2 = (g * sd).sum(-1) / C                                                    # (B, N) mean_c(dxhat * xhat)
-    r = (dxbar / N).contiguous()                                                 # (B, C) from the mean query
-    dx = empty((B, N, C), x.dtype, x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
-    with device_guard(x):
-        _attn_pool_bwd_dx_kernel[grid](x, g, m, mu, rstd, c1.contiguous(), c2.contiguous(), r, dx, N, C, 2 * H,
-                                       x.stride(0), x.stride(1), **_meta(x, 2 * H))
-    grads = [dx, dln_q_w, dln_q_b, dln_k_w, torch.zeros_like(ln_k_b), dln_v_w, dln_v_b, dwq, dbq, dwk,
-             torch.zeros_like(bk), dwv, dbv, dwo, dbo]
-    inputs = [x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo]
-    return [gr.to(t.dtype) for gr, t in zip(grads, inputs)]
+    return pool_math.backward(_OPS, dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv,
+                              wo, bo, xbar, z, num_heads, eps)
 
 
 @attn_pool_bwd.register_fake

@@ -19,7 +19,7 @@ def check(got, want, dtype, what):
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-def run_case(B, Hq, Hkv, Nq, Nk, D, causal, padding, dtype, empty_sample=False):
+def run_case(B, Hq, Hkv, Nq, Nk, D, causal, padding, dtype, empty_sample=False, backend="triton"):
     q = torch.randn(B, Hq, Nq, D, device=DEVICE).to(dtype).requires_grad_()
     k = torch.randn(B, Hkv, Nk, D, device=DEVICE).to(dtype).requires_grad_()
     v = torch.randn(B, Hkv, Nk, D, device=DEVICE).to(dtype).requires_grad_()
@@ -27,7 +27,7 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, causal, padding, dtype, empty_sample=False):
     if empty_sample:
         kpm[0] = False
     with poison_outputs():
-        o = kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="triton")
+        o = kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
         do = torch.randn_like(o)
         o.backward(do)
     assert o.dtype == dtype and o.shape == q.shape

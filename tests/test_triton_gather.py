@@ -27,10 +27,10 @@ def visible(B, N, K):
     return torch.rand(B, N, device=DEVICE).argsort(dim=1)[:, :K].sort(dim=1).values
 
 
-def run(x, idx, pos, dout):
-    """Triton forward + backward with poisoned outputs, and the float64 reference. Returns both."""
+def run(x, idx, pos, dout, backend="triton"):
+    """Triton (or `backend`) forward + backward with poisoned outputs, and the float64 reference. Returns both."""
     with poison_outputs():
-        y = kernels.masked_gather(x, idx, pos, backend="triton")
+        y = kernels.masked_gather(x, idx, pos, backend=backend)
         y.backward(dout)
     xd = x.detach().double().requires_grad_()
     pd = pos.detach().double().requires_grad_() if pos is not None else None

@@ -33,11 +33,11 @@ def params(C, out, H, dtype):
     return {k: (v * 2 * C ** -0.5 if v.dim() == 2 else v).to(DEVICE, dtype).requires_grad_() for k, v in p.items()}
 
 
-def run_and_check(x, p, H, dtype, tol=None):
-    """Triton forward + backward with poisoned outputs, then the output and all 15 gradients vs float64 ref."""
+def run_and_check(x, p, H, dtype, tol=None, backend="triton"):
+    """Triton (or `backend`) forward + backward with poisoned outputs, then the output and all 15 gradients vs float64 ref."""
     tol = TOL[dtype] if tol is None else tol
     with poison_outputs():
-        y = kernels.attn_pool(x, *p.values(), num_heads=H, backend="triton")
+        y = kernels.attn_pool(x, *p.values(), num_heads=H, backend=backend)
         dy = torch.randn_like(y)
         y.backward(dy)
     inputs = [x, *p.values()]

@@ -1,0 +1,671 @@
+"""The CUDA C++ backend (csrc/): its JIT build, its argument checks and its autograd wrappers.
+
+Build. csrc/*.cu and csrc/bindings.cpp are compiled by nvcc and linked into one pybind11 module,
+`_ivmini_cuda`, with ninja (parallel), on first use, into a cache folder keyed by a hash of the
+sources, the nvcc version, the Python ABI (the extension suffix: the GPU image runs Python 3.12, CPU
+machines 3.11), the target architectures and the flags:
+    $IVMINI_CUDA_CACHE, default $XDG_CACHE_HOME/ivmini/cuda or ~/.cache/ivmini/cuda,  /<key>/
+A build counts only once its COMPLETE marker is written; a file lock serialises builds started at
+once (several ranks). The kernels are torch-free (raw pointers, sizes, strides, the stream), so the
+build needs nvcc only: no GPU and no CUDA build of torch. setup.py never needs nvcc.
+
+    python -m kernels.cuda build [--arch 80,90a] [--cache DIR] [-v]   build ahead of time
+    python -m kernels.cuda info                                      key, path, CUDA runtime and driver
+    python -m kernels.cuda selftest                                  one small call of every kernel, checked
+                                                                     (the program compute-sanitizer runs)
+Environment: IVMINI_NVCC (else $CUDA_HOME/bin/nvcc, else nvcc on PATH); IVMINI_CUDA_ARCH, default
+"80;90a" (sm_80 code for A100-class GPUs, sm_90a for H100/H200); IVMINI_CUDA_CACHE; MAX_JOBS (ninja -j).
+
+Calls. Each op checks its arguments here (CUDA tensors, dtypes, head dim; layouts the kernels need
+are made with a copy when a view does not have them), allocates the outputs, and passes pointers,
+strides and the current stream to the module. The O(B C^2) part of attention pooling is shared with
+the Triton backend (kernels/pool_math.py). Every op is a torch custom op with its autograd formula,
+so the backend is a drop-in for "ref" and "triton" (torch.compile included).
+"""
+import argparse
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from . import BackendUnavailable, pool_math, ref, register
+from .tl_utils import device_guard, empty
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+MODULE = "_ivmini_cuda"
+DEFAULT_ARCHS = ("80", "90a")
+NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC")
+MAX_HEAD_DIM = 128
+GRID_LIMIT = 65535          # gridDim.y / gridDim.z: the kernels put heads and the batch there
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class BuildError(BackendUnavailable):
+    """The CUDA extension could not be built (no nvcc, a compile error...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+def find_nvcc():
+    """The nvcc to use: $IVMINI_NVCC, else $CUDA_HOME/bin/nvcc, else the one on PATH."""
+    for cand in (os.environ.get("IVMINI_NVCC"),
+                 os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
+                 "nvcc"):
+        path = shutil.which(cand) if cand else None
+        if path:
+            return path
+    raise BuildError("the cuda backend is compiled on first use and needs nvcc (the CUDA toolkit): none found "
+                     "in IVMINI_NVCC, $CUDA_HOME/bin or PATH. Install the toolkit or use backend 'triton'/'ref'.")
+
+
+def parse_archs(archs=None):
+    """'80;90a' / '80,90a' / a list -> ('80', '90a'); default $IVMINI_CUDA_ARCH or 80 and 90a."""
+    archs = archs or os.environ.get("IVMINI_CUDA_ARCH") or DEFAULT_ARCHS
+    if isinstance(archs, str):
+        archs = re.split(r"[;,\s]+", archs.strip())
+    archs = tuple(a.replace("sm_", "").replace(".", "") for a in archs if a)
+    for a in archs:
+        if not re.fullmatch(r"\d{2,3}a?", a):
+            raise ValueError(f"bad CUDA architecture {a!r}: use compute capabilities like 80, 90a (IVMINI_CUDA_ARCH)")
+    if not archs:
+        raise ValueError("no CUDA architecture given")
+    return archs
+
+
+def _sources():
+    if not (CSRC / "bindings.cpp").exists():
+        raise BuildError(f"CUDA sources not found at {CSRC}: the cuda backend needs the repository checkout "
+                         f"(pip install -e .), which keeps csrc/ next to kernels/")
+    return sorted(CSRC.glob("*.cu")) + [CSRC / "bindings.cpp"]
+
+
+def build_key(nvcc, archs):
+    """<python abi tag>-<16 hex digits of sha256 over sources, headers, nvcc version, archs, flags>."""
+    import pybind11
+    h = hashlib.sha256()
+    for f in sorted(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    ext_suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    h.update("\0".join([version, ext_suffix, ";".join(archs), " ".join(NVCC_FLAGS), pybind11.__version__]).encode())
+    return f"{sys.implementation.cache_tag}-{h.hexdigest()[:16]}"
+
+
+def cache_dir():
+    if os.environ.get("IVMINI_CUDA_CACHE"):
+        return Path(os.environ["IVMINI_CUDA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ivmini" / "cuda"
+
+
+def _ninja():
+    try:
+        import ninja
+        path = os.path.join(ninja.BIN_DIR, "ninja")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    path = shutil.which("ninja")
+    if not path:
+        raise BuildError("building the cuda backend needs ninja: pip install ninja")
+    return path
+
+
+def _ninja_file(nvcc, archs, out_dir):
+    """build.ninja: one object per source (compiled in parallel), linked into the module (cudart static)."""
+    import pybind11
+    esc = lambda s: str(s).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")  # noqa: E731  ninja paths
+    q = lambda args: " ".join(shlex.quote(str(a)) for a in args).replace("$", "$$")  # noqa: E731  shell words
+    includes = ["-I", CSRC, "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    so = MODULE + sysconfig.get_config_var("EXT_SUFFIX")
+    lines = ["ninja_required_version = 1.3", f"nvcc = {q([nvcc])}",
+             f"cuflags = {q([*NVCC_FLAGS, *includes, *gencode])}",
+             f"cxxflags = {q([*NVCC_FLAGS, *includes, '-DIVMINI_ARCHS=' + json.dumps(';'.join(archs))])}",
+             "rule cu", "  command = $nvcc $cuflags -c $in -o $out", "  description = nvcc $in",
+             "rule cxx", "  command = $nvcc $cxxflags -c $in -o $out", "  description = nvcc (host) $in",
+             "rule link", "  command = $nvcc -shared $in -o $out", "  description = link $out"]
+    objects = []
+    for src in _sources():
+        obj = src.stem + ".o"
+        objects.append(obj)
+        lines.append(f"build {esc(obj)}: {'cu' if src.suffix == '.cu' else 'cxx'} {esc(src)}")
+    lines += [f"build {esc(so)}: link {' '.join(map(esc, objects))}", f"default {esc(so)}", ""]
+    (out_dir / "build.ninja").write_text("\n".join(lines))
+    return out_dir / so
+
+
+def build(archs=None, cache=None, verbose=False):
+    """Build the extension if this key has no complete build yet; return the path of the module file."""
+    nvcc, archs = find_nvcc(), parse_archs(archs)
+    key = build_key(nvcc, archs)
+    root = Path(cache) if cache else cache_dir()
+    out_dir = root / key
+    so = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    if (out_dir / "COMPLETE").exists() and so.exists():
+        return so
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                       # another process may be building this key
+        if (out_dir / "COMPLETE").exists() and so.exists():
+            return so
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "COMPLETE").unlink(missing_ok=True)
+        so.unlink(missing_ok=True)                              # a half-written module from an interrupted build
+        _ninja_file(nvcc, archs, out_dir)
+        cmd = [_ninja(), "-C", str(out_dir)] + (["-j", os.environ["MAX_JOBS"]] if os.environ.get("MAX_JOBS") else [])
+        print(f"ivmini: compiling the CUDA kernels in csrc/ for sm_{', sm_'.join(archs)} into {out_dir} "
+              f"(first use of this source version; a few minutes on 2 cores)", file=sys.stderr, flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd + (["-v"] if verbose else []), capture_output=True, text=True)
+        (out_dir / "build.log").write_text(proc.stdout + proc.stderr)
+        if verbose:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+        if proc.returncode != 0:
+            raise BuildError(f"building the CUDA extension failed (ninja exit {proc.returncode}); full log in "
+                             f"{out_dir / 'build.log'}; its end:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        info = dict(key=key, archs=list(archs), nvcc=nvcc, seconds=round(time.time() - t0, 1),
+                    python=sys.version.split()[0])
+        (out_dir / "COMPLETE").write_text(json.dumps(info, indent=1))
+    return so
+
+
+_EXT = None
+
+
+def ext():
+    """The loaded extension module (built on first use)."""
+    global _EXT
+    if _EXT is None:
+        so = build()
+        spec = importlib.util.spec_from_file_location(MODULE, so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _EXT = module
+    return _EXT
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks and layouts
+
+def _check(op, dtypes, **tensors):
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_cuda:
+            raise BackendUnavailable(f"cuda {op}: {name} is on {t.device}; the cuda backend needs CUDA tensors")
+        if t.dtype not in dtypes:
+            raise TypeError(f"cuda {op}: {name} has dtype {t.dtype}; supported: {[str(d) for d in dtypes]}")
+
+
+def _ready(t):
+    """t itself when its channel dim is contiguous, its start 16-byte aligned and its other strides whole
+    16-byte vectors (what the kernels' vector loads assume); else a contiguous copy."""
+    vec = max(1, 16 // t.element_size())
+    if (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s % vec == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+def _heads_last(B, H, N, D, dtype, device):
+    """(B, H, N, D) stored as (B, N, H, D), like the Triton backend: `o.transpose(1, 2).reshape(B, N, H*D)` is free."""
+    return empty((B, N, H, D), dtype, device).transpose(1, 2)
+
+
+def _attn_args(q, k, v, kpm, causal, scale, o, lse):
+    B, Hq, Nq, D = q.shape
+    kpm8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
+    return dict(dtype=_DTYPE_CODE[q.dtype], B=B, Hq=Hq, Hkv=k.shape[1], Nq=Nq, Nk=k.shape[2], D=D,
+                scale=float(scale), causal=bool(causal), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3],
+                kpm=_ptr(kpm8), kpm_stride=0 if kpm8 is None else kpm8.stride(0), o=o.data_ptr(),
+                o_stride=o.stride()[:3], lse=lse.data_ptr()), kpm8
+
+
+@torch.library.custom_op("ivmini::cuda_attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Nq, D) in q.dtype (stored heads-last) and lse (B, Hq, Nq) fp32."""
+    q, k, v = _ready(q), _ready(k), _ready(v)
+    B, Hq, Nq, D = q.shape
+    o = _heads_last(B, Hq, Nq, D, q.dtype, q.device)
+    lse = empty((B, Hq, Nq), torch.float32, q.device)
+    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse)
+    with device_guard(q):
+        ext().attention_fwd(**args, stream=_stream(q))
+    return o, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, scale):
+    B, Hq, Nq, D = q.shape
+    return q.new_empty((B, Nq, Hq, D)).transpose(1, 2), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("ivmini::cuda_attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, o, do = _ready(q), _ready(k), _ready(v), _ready(o), _ready(do.to(q.dtype))
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dq = _heads_last(B, Hq, Nq, D, q.dtype, q.device)
+    dk = _heads_last(B, Hkv, Nk, D, k.dtype, k.device)
+    dv = _heads_last(B, Hkv, Nk, D, v.dtype, v.device)
+    delta = empty((B, Hq, Nq), torch.float32, q.device)
+    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse.contiguous())
+    args.update(dout=do.data_ptr(), dout_stride=do.stride()[:3], delta=delta.data_ptr(), dq=dq.data_ptr(),
+                dk=dk.data_ptr(), dv=dv.data_ptr(), dq_stride=dq.stride()[:3], dk_stride=dk.stride()[:3],
+                dv_stride=dv.stride()[:3])
+    with device_guard(q):
+        ext().attention_bwd(**args, stream=_stream(q))
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, causal, scale):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    return (q.new_empty((B, Nq, Hq, D)).transpose(1, 2), k.new_empty((B, Nk, Hkv, D)).transpose(1, 2),
+            v.new_empty((B, Nk, Hkv, D)).transpose(1, 2))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, kpm, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kpm)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, kpm = ctx.saved_tensors
+    return (*attention_bwd(do, q, k, v, o, lse, kpm, ctx.causal, ctx.scale), None, None, None)
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
+    """CUDA backend of kernels.attention (shapes already checked there): fp16/bf16, head dims 8..128 in steps of 8."""
+    _check("attention", (torch.float16, torch.bfloat16), q=q, k=k, v=v)
+    _check("attention", (torch.bool,), key_padding_mask=key_padding_mask)
+    D = q.shape[-1]
+    if D % 8 or D > MAX_HEAD_DIM:
+        raise ValueError(f"cuda attention supports head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {D}; "
+                         f"use backend 'triton' (up to 256) or 'ref'")
+    if q.shape[0] > GRID_LIMIT or q.shape[1] > GRID_LIMIT:
+        raise ValueError(f"cuda attention: batch ({q.shape[0]}) and query heads ({q.shape[1]}) must be at most "
+                         f"{GRID_LIMIT} (CUDA grid limit); split the batch")
+    scale = D ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to launch; the reference gives the (empty/zero) result
+        return ref.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return attention_fwd(q, k, v, key_padding_mask, bool(causal), scale)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rows(t):
+    """(rows, width) view (or copy) with a contiguous, aligned channel dim."""
+    return _ready(t.reshape(-1, t.shape[-1]))
+
+
+@torch.library.custom_op("ivmini::cuda_rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (x.shape, x.dtype) and rstd (rows,) fp32."""
+    x2, w = _rows(x), weight.to(x.dtype).contiguous()   # the weight is rounded to x's dtype, as the reference does
+    rows, width = x2.shape
+    y = empty(x2.shape, x.dtype, x.device)
+    rstd = empty((rows,), torch.float32, x.device)
+    with device_guard(x):
+        ext().rms_norm_fwd(dtype=_DTYPE_CODE[x.dtype], rows=rows, width=width, eps=float(eps), x=x2.data_ptr(),
+                           w=w.data_ptr(), x_stride=x2.stride(0), y=y.data_ptr(), y_stride=width,
+                           rstd=rstd.data_ptr(), stream=_stream(x))
+    return y.view(x.shape), rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("ivmini::cuda_rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (x.shape, x.dtype) and dweight (weight.shape, weight.dtype)."""
+    x2, dy2, w = _rows(x), _rows(dy.to(x.dtype)), weight.to(x.dtype).contiguous()
+    rows, width = x2.shape
+    dx = empty(x2.shape, x.dtype, x.device)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    partials = max(1, min(rows, 4 * sms))           # blocks, each summing dw over a contiguous chunk of rows
+    dw_partial = empty((partials, width), torch.float32, x.device)
+    with device_guard(x):
+        ext().rms_norm_bwd(dtype=_DTYPE_CODE[x.dtype], rows=rows, width=width, x=x2.data_ptr(), w=w.data_ptr(),
+                           x_stride=x2.stride(0), rstd=rstd.data_ptr(), dy=dy2.data_ptr(), dy_stride=dy2.stride(0),
+                           dx=dx.data_ptr(), dx_stride=width, dw_partial=dw_partial.data_ptr(),
+                           num_partials=partials, stream=_stream(x))
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    return (*rms_norm_bwd(dy, x, weight, rstd), None)
+
+
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """CUDA backend of kernels.rms_norm (shapes already checked there)."""
+    _check("rms_norm", _FLOATS, x=x, weight=weight)
+    if x.numel() == 0:
+        return ref.rms_norm(x, weight, eps)
+    return rms_norm_fwd(x, weight, float(eps))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_gather
+
+def _as_layers(t):
+    """(B, N, C) -> (1, B, N, C) view; (L, B, N, C) unchanged."""
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+@torch.library.custom_op("ivmini::cuda_masked_gather_fwd", mutates_args=())
+def masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+    """out (..., B, K, C) in x.dtype, contiguous."""
+    x4 = _ready(_as_layers(x))
+    L, B, N, C = x4.shape
+    K = visible_idx.shape[1]
+    pos = None if pos_embed is None else _ready(pos_embed[0].to(x.dtype))   # rounded to x's dtype, as the reference
+    out = empty((L, B, K, C), x.dtype, x.device)
+    with device_guard(x):
+        ext().masked_gather_fwd(dtype=_DTYPE_CODE[x.dtype], L=L, B=B, N=N, K=K, C=C, x=x4.data_ptr(),
+                                x_stride=x4.stride()[:3], idx=visible_idx.data_ptr(), idx_stride=visible_idx.stride(),
+                                pos=_ptr(pos), pos_stride=0 if pos is None else pos.stride(0), out=out.data_ptr(),
+                                out_stride=out.stride()[:3], stream=_stream(x))
+    return out if x.dim() == 4 else out[0]
+
+
+@masked_gather_fwd.register_fake
+def _(x, visible_idx, pos_embed):
+    return x.new_empty(x.shape[:-2] + (visible_idx.shape[1], x.shape[-1]))
+
+
+@torch.library.custom_op("ivmini::cuda_masked_gather_bwd", mutates_args=())
+def masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos_dtype: Optional[torch.dtype]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (..., B, N, C) in dout.dtype and dpos (1, N, C) in pos_dtype (an empty (0,) tensor when None)."""
+    d4 = _ready(_as_layers(dout))
+    L, B, K, C = d4.shape
+    # inv[b, n] = slot of token n in sample b, or -1: the scatter becomes a gather (no atomics, no sync)
+    slots = torch.arange(K, dtype=torch.int32, device=dout.device).expand(B, K)
+    inv = torch.full((B, N), -1, dtype=torch.int32, device=dout.device).scatter_(1, visible_idx, slots)
+    dx = empty((L, B, N, C), dout.dtype, dout.device)
+    dpos = None if pos_dtype is None else empty((N, C), torch.float32, dout.device)
+    with device_guard(dout):
+        ext().masked_gather_bwd(dtype=_DTYPE_CODE[dout.dtype], L=L, B=B, N=N, K=K, C=C, dout=d4.data_ptr(),
+                                dout_stride=d4.stride()[:3], inv=inv.data_ptr(), dx=dx.data_ptr(),
+                                dx_stride=dx.stride()[:3], dpos=_ptr(dpos), stream=_stream(dout))
+    dpos = dout.new_empty((0,)) if dpos is None else dpos.to(pos_dtype).unsqueeze(0)
+    return (dx if dout.dim() == 4 else dx[0]), dpos
+
+
+@masked_gather_bwd.register_fake
+def _(dout, visible_idx, N, pos_dtype):
+    dx = dout.new_empty(dout.shape[:-2] + (N, dout.shape[-1]))
+    dpos = dout.new_empty((1, N, dout.shape[-1]), dtype=pos_dtype) if pos_dtype is not None else dout.new_empty((0,))
+    return dx, dpos
+
+
+def _gather_setup(ctx, inputs, output):
+    x, visible_idx, pos_embed = inputs
+    ctx.save_for_backward(visible_idx)
+    ctx.N, ctx.pos_dtype = x.shape[-2], (None if pos_embed is None else pos_embed.dtype)
+
+
+def _gather_backward(ctx, dout):
+    (visible_idx,) = ctx.saved_tensors
+    want_dpos = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
+    dx, dpos = masked_gather_bwd(dout, visible_idx, ctx.N, ctx.pos_dtype if want_dpos else None)
+    return dx, None, (dpos if want_dpos else None)
+
+
+masked_gather_fwd.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def masked_gather(x, visible_idx, pos_embed=None):
+    """CUDA backend of kernels.masked_gather (shapes already checked there)."""
+    _check("masked_gather", _FLOATS, x=x, pos_embed=pos_embed)
+    _check("masked_gather", (torch.int64,), visible_idx=visible_idx)
+    if x.numel() == 0 or visible_idx.numel() == 0:
+        return ref.masked_gather(x, visible_idx, pos_embed)
+    return masked_gather_fwd(x, visible_idx, pos_embed)
+
+
+# ---------------------------------------------------------------------------------------------
+# attn_pool: the three token-streaming kernels; the rest is kernels/pool_math.py
+
+def _pool_args(x):
+    B, N, C = x.shape
+    return dict(dtype=_DTYPE_CODE[x.dtype], B=B, N=N, C=C, x=x.data_ptr(), x_stride=x.stride()[:2])
+
+
+def _rowdot(x, m, eps):
+    B, N, C = x.shape
+    m = m.float().contiguous()
+    s = empty((B, N, m.shape[1]), torch.float32, x.device)
+    mu, rstd = empty((B, N), torch.float32, x.device), empty((B, N), torch.float32, x.device)
+    with device_guard(x):
+        ext().attn_pool_rowdot(**_pool_args(x), K=m.shape[1], eps=float(eps), m=m.data_ptr(), s=s.data_ptr(),
+                               mu=mu.data_ptr(), rstd=rstd.data_ptr(), stream=_stream(x))
+    return s, mu, rstd
+
+
+def _colsum(x, p, mu, rstd):
+    B, N, C = x.shape
+    p = p.float().contiguous()
+    z = empty((B, p.shape[2], C), torch.float32, x.device)
+    with device_guard(x):
+        ext().attn_pool_colsum(**_pool_args(x), K=p.shape[2], p=p.data_ptr(), mu=mu.data_ptr(),
+                               rstd=rstd.data_ptr(), z=z.data_ptr(), stream=_stream(x))
+    return z
+
+
+def _dx(x, g, m, mu, rstd, c1, c2, r):
+    g, m = g.float().contiguous(), m.float().contiguous()
+    dx = empty(x.shape, x.dtype, x.device)
+    with device_guard(x):
+        ext().attn_pool_dx(**_pool_args(x), K=g.shape[2], g=g.data_ptr(), m=m.data_ptr(), mu=mu.data_ptr(),
+                           rstd=rstd.data_ptr(), c1=c1.float().contiguous().data_ptr(),
+                           c2=c2.float().contiguous().data_ptr(), r=r.float().contiguous().data_ptr(),
+                           dx=dx.data_ptr(), stream=_stream(x))
+    return dx
+
+
+_POOL_OPS = SimpleNamespace(rowdot=_rowdot, colsum=_colsum, dx=_dx)
+
+
+@torch.library.custom_op("ivmini::cuda_attn_pool_fwd", mutates_args=())
+def attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, ln_k_w: torch.Tensor,
+                  ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor, wq: torch.Tensor,
+                  bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+                  wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
+    return pool_math.forward(_POOL_OPS, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
+                             wv, bv, wo, bo, num_heads, eps)
+
+
+@attn_pool_fwd.register_fake
+def _(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps):
+    B, N, C = x.shape
+    return (x.new_empty((B, wo.shape[0])), x.new_empty((B, C), dtype=torch.float32),
+            x.new_empty((B, num_heads, C), dtype=torch.float32))
+
+
+@torch.library.custom_op("ivmini::cuda_attn_pool_bwd", mutates_args=())
+def attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
+                  ln_k_w: torch.Tensor, ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor,
+                  wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor,
+                  bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
+                  num_heads: int, eps: float) -> list[torch.Tensor]:
+    """Gradients of the 15 inputs, in the order of attn_pool's arguments."""
+    return pool_math.backward(_POOL_OPS, dout, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq,
+                              wk, bk, wv, bv, wo, bo, xbar, z, num_heads, eps)
+
+
+@attn_pool_bwd.register_fake
+def _(dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, xbar, z,
+      num_heads, eps):
+    return [t.new_empty(t.shape) for t in (x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
+                                           wv, bv, wo, bo)]
+
+
+def _pool_setup(ctx, inputs, output):
+    *tensors, num_heads, eps = inputs
+    ctx.save_for_backward(*tensors, output[1], output[2])
+    ctx.num_heads, ctx.eps = num_heads, eps
+
+
+def _pool_backward(ctx, dout, _dxbar, _dz):
+    return (*attn_pool_bwd(dout, *ctx.saved_tensors, ctx.num_heads, ctx.eps), None, None)
+
+
+attn_pool_fwd.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+def attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
+              *, num_heads, eps=1e-5):
+    """CUDA backend of kernels.attn_pool (shapes already checked there)."""
+    params = dict(ln_q_w=ln_q_w, ln_q_b=ln_q_b, ln_k_w=ln_k_w, ln_k_b=ln_k_b, ln_v_w=ln_v_w, ln_v_b=ln_v_b,
+                  wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo)
+    _check("attn_pool", _FLOATS, x=x, **params)
+    if x.shape[0] > GRID_LIMIT:
+        raise ValueError(f"cuda attn_pool: batch {x.shape[0]} is above {GRID_LIMIT} (CUDA grid limit); split it")
+    if x.numel() == 0:
+        return ref.attn_pool(x, *params.values(), num_heads=num_heads, eps=eps)
+    return attn_pool_fwd(x, *params.values(), int(num_heads), float(eps))[0]
+
+
+for _op in ("attention", "rms_norm", "masked_gather", "attn_pool"):
+    register(_op, "cuda", globals()[_op])
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def selftest():
+    """One small forward + backward of every op against kernels.ref in float64. Returns the failures."""
+    import kernels
+    torch.manual_seed(0)
+    dev, failures = "cuda", []
+
+    def compare(name, got, want, tol):
+        err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+        print(f"  {name:<28} max rel error {err:.2e} (tol {tol:g})")
+        if not err <= tol:
+            failures.append(name)
+
+    def run(op, make, tol, **kw):
+        args = make()
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        out = getattr(kernels, op)(*args, backend="cuda", **kw)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dout)
+        dargs = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                 and a.is_floating_point() else a for a in args]
+        want = getattr(ref, op)(*dargs, **kw)
+        dleaves = [a for a in dargs if isinstance(a, torch.Tensor) and a.requires_grad]
+        wgrads = torch.autograd.grad(want, dleaves, dout.double())
+        compare(f"{op} forward", out, want, tol)
+        for i, (g, w) in enumerate(zip(grads, wgrads)):
+            compare(f"{op} grad {i}", g, w, tol)
+
+    h = torch.float16
+    leaf = lambda *s, dt=h: torch.randn(*s, device=dev).to(dt).requires_grad_()  # noqa: E731
+    for D in (64, 88, 128):
+        run("attention", lambda: (leaf(2, 4, 77, D), leaf(2, 2, 67, D), leaf(2, 2, 67, D)), 5e-3, causal=True,
+            key_padding_mask=torch.rand(2, 67, device=dev) > 0.2)
+    run("rms_norm", lambda: (leaf(3, 37, 1408), leaf(1408)), 5e-3)
+    run("masked_gather", lambda: (leaf(2, 50, 72), torch.sort(torch.randperm(50, device=dev)[:13])[0].expand(2, 13)
+                                  .contiguous(), leaf(1, 50, 72)), 1e-3)
+    C, H = 96, 4
+    run("attn_pool", lambda: (leaf(2, 33, C), *(leaf(C, dt=torch.float32) for _ in range(6)),
+                              *(t for _ in range(3) for t in (leaf(C, C, dt=torch.float32) * C ** -0.5,
+                                                              leaf(C, dt=torch.float32))),
+                              leaf(48, C, dt=torch.float32), leaf(48, dt=torch.float32)), 5e-3, num_heads=H)
+    torch.cuda.synchronize()
+    return failures
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kernels.cuda", description="Build and check the CUDA backend.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile csrc/ now (otherwise it happens on first use)")
+    b.add_argument("--arch", help="e.g. 80,90a (default: $IVMINI_CUDA_ARCH or 80;90a)")
+    b.add_argument("--cache", help="cache folder (default: $IVMINI_CUDA_CACHE or ~/.cache/ivmini/cuda)")
+    b.add_argument("-v", "--verbose", action="store_true", help="print the compiler output")
+    sub.add_parser("info", help="the build key, the module path and the CUDA runtime/driver seen by it")
+    sub.add_parser("selftest", help="run every kernel once on a small case and check it (needs a GPU)")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        t0 = time.time()
+        so = build(args.arch, args.cache, args.verbose)
+        spec = importlib.util.spec_from_file_location(MODULE, so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(f"{so}\nbuilt or found in {time.time() - t0:.1f} s; imports; runtime: {module.runtime_info()}")
+    elif args.cmd == "info":
+        nvcc = find_nvcc()
+        print(json.dumps(dict(nvcc=nvcc, archs=parse_archs(), key=build_key(nvcc, parse_archs()),
+                              cache=str(cache_dir()), runtime=ext().runtime_info()), indent=1))
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("selftest needs a CUDA device")
+        failures = selftest()
+        print("selftest:", "ok" if not failures else f"FAILED: {failures}")
+        sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
