@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from . import BackendUnavailable, pool_math, ref, register
+from . import BackendUnavailable, custom_ops, pool_math, ref, register
 from .tl_utils import device_guard, empty
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -249,9 +249,8 @@ def _attn_args(q, k, v, kpm, causal, scale, o, lse):
                 o_stride=o.stride()[:3], lse=lse.data_ptr()), kpm8
 
 
-@torch.library.custom_op("ivmini::cuda_attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Nq, D) in q.dtype (stored heads-last) and lse (B, Hq, Nq) fp32."""
     q, k, v = _ready(q), _ready(k), _ready(v)
     B, Hq, Nq, D = q.shape
@@ -263,16 +262,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     return o, lse
 
 
-@attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale):
-    B, Hq, Nq, D = q.shape
-    return q.new_empty((B, Nq, Hq, D)).transpose(1, 2), q.new_empty((B, Hq, Nq), dtype=torch.float32)
-
-
-@torch.library.custom_op("ivmini::cuda_attention_bwd", mutates_args=())
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, o, do = _ready(q), _ready(k), _ready(v), _ready(o), _ready(do.to(q.dtype))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -280,7 +272,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = _heads_last(B, Hkv, Nk, D, k.dtype, k.device)
     dv = _heads_last(B, Hkv, Nk, D, v.dtype, v.device)
     delta = empty((B, Hq, Nq), torch.float32, q.device)
-    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse.contiguous())
+    lse = lse.contiguous()
+    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse)
     args.update(dout=do.data_ptr(), dout_stride=do.stride()[:3], delta=delta.data_ptr(), dq=dq.data_ptr(),
                 dk=dk.data_ptr(), dv=dv.data_ptr(), dq_stride=dq.stride()[:3], dk_stride=dk.stride()[:3],
                 dv_stride=dv.stride()[:3])
@@ -289,26 +282,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
-@attention_bwd.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, causal, scale):
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    return (q.new_empty((B, Nq, Hq, D)).transpose(1, 2), k.new_empty((B, Nk, Hkv, D)).transpose(1, 2),
-            v.new_empty((B, Nk, Hkv, D)).transpose(1, 2))
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, kpm, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kpm)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _attention_backward(ctx, do, _dlse):
-    q, k, v, o, lse, kpm = ctx.saved_tensors
-    return (*attention_bwd(do, q, k, v, o, lse, kpm, ctx.causal, ctx.scale), None, None, None)
-
-
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_fwd, attention_bwd = custom_ops.define("attention", "cuda", _attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
@@ -339,8 +313,7 @@ def _rows(t):
     return _ready(t.reshape(-1, t.shape[-1]))
 
 
-@torch.library.custom_op("ivmini::cuda_rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y (x.shape, x.dtype) and rstd (rows,) fp32."""
     x2, w = _rows(x), weight.to(x.dtype).contiguous()   # the weight is rounded to x's dtype, as the reference does
     rows, width = x2.shape
@@ -353,14 +326,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return y.view(x.shape), rstd
 
 
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
-
-
-@torch.library.custom_op("ivmini::cuda_rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (x.shape, x.dtype) and dweight (weight.shape, weight.dtype)."""
     x2, dy2, w = _rows(x), _rows(dy.to(x.dtype)), weight.to(x.dtype).contiguous()
     rows, width = x2.shape
@@ -376,22 +343,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-
-
-def _rms_norm_backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    return (*rms_norm_bwd(dy, x, weight, rstd), None)
-
-
-rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+rms_norm_fwd, rms_norm_bwd = custom_ops.define("rms_norm", "cuda", _rms_norm_fwd, _rms_norm_bwd)
 
 
 def rms_norm(x, weight, eps=1e-6):
@@ -410,8 +362,7 @@ def _as_layers(t):
     return t if t.dim() == 4 else t.unsqueeze(0)
 
 
-@torch.library.custom_op("ivmini::cuda_masked_gather_fwd", mutates_args=())
-def masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+def _masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
     """out (..., B, K, C) in x.dtype, contiguous."""
     x4 = _ready(_as_layers(x))
     L, B, N, C = x4.shape
@@ -426,14 +377,8 @@ def masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Opt
     return out if x.dim() == 4 else out[0]
 
 
-@masked_gather_fwd.register_fake
-def _(x, visible_idx, pos_embed):
-    return x.new_empty(x.shape[:-2] + (visible_idx.shape[1], x.shape[-1]))
-
-
-@torch.library.custom_op("ivmini::cuda_masked_gather_bwd", mutates_args=())
-def masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos_dtype: Optional[torch.dtype]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos_dtype: Optional[torch.dtype]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (..., B, N, C) in dout.dtype and dpos (1, N, C) in pos_dtype (an empty (0,) tensor when None)."""
     d4 = _ready(_as_layers(dout))
     L, B, K, C = d4.shape
@@ -450,27 +395,8 @@ def masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos
     return (dx if dout.dim() == 4 else dx[0]), dpos
 
 
-@masked_gather_bwd.register_fake
-def _(dout, visible_idx, N, pos_dtype):
-    dx = dout.new_empty(dout.shape[:-2] + (N, dout.shape[-1]))
-    dpos = dout.new_empty((1, N, dout.shape[-1]), dtype=pos_dtype) if pos_dtype is not None else dout.new_empty((0,))
-    return dx, dpos
-
-
-def _gather_setup(ctx, inputs, output):
-    x, visible_idx, pos_embed = inputs
-    ctx.save_for_backward(visible_idx)
-    ctx.N, ctx.pos_dtype = x.shape[-2], (None if pos_embed is None else pos_embed.dtype)
-
-
-def _gather_backward(ctx, dout):
-    (visible_idx,) = ctx.saved_tensors
-    want_dpos = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
-    dx, dpos = masked_gather_bwd(dout, visible_idx, ctx.N, ctx.pos_dtype if want_dpos else None)
-    return dx, None, (dpos if want_dpos else None)
-
-
-masked_gather_fwd.register_autograd(_gather_backward, setup_context=_gather_setup)
+masked_gather_fwd, masked_gather_bwd = custom_ops.define(
+    "masked_gather", "cuda", _masked_gather_fwd, _masked_gather_bwd)
 
 
 def masked_gather(x, visible_idx, pos_embed=None):
@@ -512,12 +438,12 @@ def _colsum(x, p, mu, rstd):
 
 
 def _dx(x, g, m, mu, rstd, c1, c2, r):
-    g, m = g.float().contiguous(), m.float().contiguous()
+    # every tensor whose pointer is passed stays bound to a name until the launch is queued
+    g, m, c1, c2, r = (t.float().contiguous() for t in (g, m, c1, c2, r))
     dx = empty(x.shape, x.dtype, x.device)
     with device_guard(x):
         ext().attn_pool_dx(**_pool_args(x), K=g.shape[2], g=g.data_ptr(), m=m.data_ptr(), mu=mu.data_ptr(),
-                           rstd=rstd.data_ptr(), c1=c1.float().contiguous().data_ptr(),
-                           c2=c2.float().contiguous().data_ptr(), r=r.float().contiguous().data_ptr(),
+                           rstd=rstd.data_ptr(), c1=c1.data_ptr(), c2=c2.data_ptr(), r=r.data_ptr(),
                            dx=dx.data_ptr(), stream=_stream(x))
     return dx
 
@@ -525,53 +451,27 @@ def _dx(x, g, m, mu, rstd, c1, c2, r):
 _POOL_OPS = SimpleNamespace(rowdot=_rowdot, colsum=_colsum, dx=_dx)
 
 
-@torch.library.custom_op("ivmini::cuda_attn_pool_fwd", mutates_args=())
-def attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, ln_k_w: torch.Tensor,
-                  ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor, wq: torch.Tensor,
-                  bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
-                  wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, ln_k_w: torch.Tensor,
+                   ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor, wq: torch.Tensor,
+                   bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+                   wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
     return pool_math.forward(_POOL_OPS, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
                              wv, bv, wo, bo, num_heads, eps)
 
 
-@attn_pool_fwd.register_fake
-def _(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps):
-    B, N, C = x.shape
-    return (x.new_empty((B, wo.shape[0])), x.new_empty((B, C), dtype=torch.float32),
-            x.new_empty((B, num_heads, C), dtype=torch.float32))
-
-
-@torch.library.custom_op("ivmini::cuda_attn_pool_bwd", mutates_args=())
-def attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
-                  ln_k_w: torch.Tensor, ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor,
-                  wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor,
-                  bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
-                  num_heads: int, eps: float) -> list[torch.Tensor]:
+def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
+                   ln_k_w: torch.Tensor, ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor,
+                   wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor,
+                   bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
+                   num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments."""
     return pool_math.backward(_POOL_OPS, dout, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq,
                               wk, bk, wv, bv, wo, bo, xbar, z, num_heads, eps)
 
 
-@attn_pool_bwd.register_fake
-def _(dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, xbar, z,
-      num_heads, eps):
-    return [t.new_empty(t.shape) for t in (x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
-                                           wv, bv, wo, bo)]
-
-
-def _pool_setup(ctx, inputs, output):
-    *tensors, num_heads, eps = inputs
-    ctx.save_for_backward(*tensors, output[1], output[2])
-    ctx.num_heads, ctx.eps = num_heads, eps
-
-
-def _pool_backward(ctx, dout, _dxbar, _dz):
-    return (*attn_pool_bwd(dout, *ctx.saved_tensors, ctx.num_heads, ctx.eps), None, None)
-
-
-attn_pool_fwd.register_autograd(_pool_backward, setup_context=_pool_setup)
+attn_pool_fwd, attn_pool_bwd = custom_ops.define("attn_pool", "cuda", _attn_pool_fwd, _attn_pool_bwd)
 
 
 def attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ref, register
+from . import custom_ops, ref, register
 from .tl_utils import (INTERPRET, autotune, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard,
                        empty, next_pow2)
 
@@ -319,9 +319,8 @@ def _meta(q, k, causal, has_kpm):
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-@torch.library.custom_op("ivmini::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, Hq, Nq, D) in q.dtype (stored heads-last) and lse (B, Hq, Nq) fp32, natural log."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -337,16 +336,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     return o, lse
 
 
-@attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale):
-    B, Hq, Nq, D = q.shape
-    return q.new_empty((B, Nq, Hq, D)).transpose(1, 2), q.new_empty((B, Hq, Nq), dtype=torch.float32)
-
-
-@torch.library.custom_op("ivmini::attention_bwd", mutates_args=())
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:
@@ -373,28 +365,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
-@attention_bwd.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, causal, scale):
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    return (q.new_empty((B, Nq, Hq, D)).transpose(1, 2), k.new_empty((B, Nk, Hkv, D)).transpose(1, 2),
-            v.new_empty((B, Nk, Hkv, D)).transpose(1, 2))
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, kpm, causal, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, kpm)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, kpm = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, kpm, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup)
+attention_fwd, attention_bwd = custom_ops.define("attention", "triton", _attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None):

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ref, register
+from . import custom_ops, ref, register
 from .tl_utils import (INTERPRET, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard, empty,
                        next_pow2)
 
@@ -111,8 +111,7 @@ def _layers(t):
     return (t.shape[0], t.stride(0)) if t.dim() == 4 else (1, 0)
 
 
-@torch.library.custom_op("ivmini::masked_gather_fwd", mutates_args=())
-def masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+def _masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
     """out (..., B, K, C) in x.dtype, contiguous."""
     B, N, C = x.shape[-3:]
     K = visible_idx.shape[1]
@@ -130,14 +129,8 @@ def masked_gather_fwd(x: torch.Tensor, visible_idx: torch.Tensor, pos_embed: Opt
     return out
 
 
-@masked_gather_fwd.register_fake
-def _(x, visible_idx, pos_embed):
-    return x.new_empty(x.shape[:-2] + (visible_idx.shape[1], x.shape[-1]))
-
-
-@torch.library.custom_op("ivmini::masked_gather_bwd", mutates_args=())
-def masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos_dtype: Optional[torch.dtype]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos_dtype: Optional[torch.dtype]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (..., B, N, C) in dout.dtype (= x.dtype), and dpos (1, N, C) in pos_dtype summed over l and b,
     or an empty (0,) tensor when pos_dtype is None (no pos-embed, or it needs no gradient)."""
     if dout.stride(-1) != 1:   # e.g. an expanded gradient (stride 0)
@@ -159,28 +152,8 @@ def masked_gather_bwd(dout: torch.Tensor, visible_idx: torch.Tensor, N: int, pos
     return dx, dpos
 
 
-@masked_gather_bwd.register_fake
-def _(dout, visible_idx, N, pos_dtype):
-    dx = dout.new_empty(dout.shape[:-2] + (N, dout.shape[-1]))
-    dpos = dout.new_empty((1, N, dout.shape[-1]), dtype=pos_dtype) if pos_dtype is not None else dout.new_empty((0,))
-    return dx, dpos
-
-
-def _setup(ctx, inputs, output):
-    x, visible_idx, pos_embed = inputs
-    ctx.save_for_backward(visible_idx)
-    ctx.N = x.shape[-2]
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-
-
-def _backward(ctx, dout):
-    (visible_idx,) = ctx.saved_tensors
-    want_dpos = ctx.pos_dtype is not None and ctx.needs_input_grad[2]
-    dx, dpos = masked_gather_bwd(dout, visible_idx, ctx.N, ctx.pos_dtype if want_dpos else None)
-    return dx, None, (dpos if want_dpos else None)
-
-
-masked_gather_fwd.register_autograd(_backward, setup_context=_setup)
+masked_gather_fwd, masked_gather_bwd = custom_ops.define(
+    "masked_gather", "triton", _masked_gather_fwd, _masked_gather_bwd)
 
 
 def masked_gather(x, visible_idx, pos_embed=None):

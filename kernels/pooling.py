@@ -11,8 +11,8 @@ be the LayerNorm-normalised row before its affine (shared by LN_k and LN_v), gam
     p_jh = softmax_j(s_jh);            z_h = sum_j p_jh xhat_j         (C,)   (sum_j p_jh = 1)
     o_h  = Wv_h (gamma_v * z_h + beta_v) + bv_h;     out = concat_h(o_h) Wo^T + bo
 So the only work proportional to N is: row statistics of x, S = Xhat A^T (N x H) and Z = P^T Xhat (H x C).
-Everything else is O(B C^2) and runs in torch (fp32, kernels/pool_math.py, shared with the CUDA backend). beta_k and bk only add the cancelling constant: their
-gradient is exactly zero.
+Everything else is O(B C^2) and runs in torch (fp32, kernels/pool_math.py, shared with the CUDA
+backend). beta_k and bk only add the cancelling constant: their gradient is exactly zero.
 
 Kernels (x is read as stored; statistics and accumulators fp32; grids put the blocks of one sample next
 to each other so its small operand stays in L2):
@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pool_math, ref, register
+from . import custom_ops, pool_math, ref, register
 from .tl_utils import (autotune, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard, empty,
                        next_pow2)
 
@@ -254,54 +254,27 @@ def _dx(x, g, m, mu, rstd, c1, c2, r):
 _OPS = SimpleNamespace(rowdot=_rowdot, colsum=_colsum, dx=_dx)
 
 
-@torch.library.custom_op("ivmini::attn_pool_fwd", mutates_args=())
-def attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, ln_k_w: torch.Tensor,
-                  ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor, wq: torch.Tensor,
-                  bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
-                  wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, ln_k_w: torch.Tensor,
+                   ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor, wq: torch.Tensor,
+                   bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+                   wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
     return pool_math.forward(_OPS, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
                              num_heads, eps)
 
 
-@attn_pool_fwd.register_fake
-def _(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps):
-    B, N, C = x.shape
-    return (x.new_empty((B, wo.shape[0])), x.new_empty((B, C), dtype=torch.float32),
-            x.new_empty((B, num_heads, C), dtype=torch.float32))
-
-
-@torch.library.custom_op("ivmini::attn_pool_bwd", mutates_args=())
-def attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
-                  ln_k_w: torch.Tensor, ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor,
-                  wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor,
-                  bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
-                  num_heads: int, eps: float) -> list[torch.Tensor]:
+def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
+                   ln_k_w: torch.Tensor, ln_k_b: torch.Tensor, ln_v_w: torch.Tensor, ln_v_b: torch.Tensor,
+                   wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor,
+                   bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
+                   num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments, each in its input's dtype."""
     return pool_math.backward(_OPS, dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv,
                               wo, bo, xbar, z, num_heads, eps)
 
 
-@attn_pool_bwd.register_fake
-def _(dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo, xbar, z,
-      num_heads, eps):
-    return [t.new_empty(t.shape) for t in (x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
-                                           wv, bv, wo, bo)]
-
-
-def _setup(ctx, inputs, output):
-    *tensors, num_heads, eps = inputs
-    ctx.save_for_backward(*tensors, output[1], output[2])
-    ctx.num_heads, ctx.eps = num_heads, eps
-
-
-def _backward(ctx, dout, _dxbar, _dz):
-    grads = attn_pool_bwd(dout, *ctx.saved_tensors, ctx.num_heads, ctx.eps)
-    return (*grads, None, None)
-
-
-attn_pool_fwd.register_autograd(_backward, setup_context=_setup)
+attn_pool_fwd, attn_pool_bwd = custom_ops.define("attn_pool", "triton", _attn_pool_fwd, _attn_pool_bwd)
 
 
 def attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,

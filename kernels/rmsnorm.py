@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ref, register
+from . import custom_ops, ref, register
 from .tl_utils import (INTERPRET, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard,
                        empty, next_pow2)
 
@@ -81,8 +81,7 @@ def _as_rows(t, N):
     return t.reshape(-1, N)   # a view whenever the leading dims allow it
 
 
-@torch.library.custom_op("ivmini::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y (x.shape, x.dtype) and rstd (rows,) fp32."""
     N = x.shape[-1]
     x2 = _as_rows(x, N)
@@ -97,14 +96,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     return y, rstd
 
 
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
-
-
-@torch.library.custom_op("ivmini::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (x.shape, x.dtype) and dweight (weight.shape, weight.dtype)."""
     N = x.shape[-1]
     x2, dy2 = _as_rows(x, N), _as_rows(dy.contiguous() if dy.stride(-1) != 1 else dy, N)
@@ -125,23 +118,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     return dx, partial.sum(0).to(weight.dtype)
 
 
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
-
-
-def _setup(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-
-
-def _backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd(dy, x, weight, rstd)
-    return dx, dw, None
-
-
-rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
+rms_norm_fwd, rms_norm_bwd = custom_ops.define("rms_norm", "triton", _rms_norm_fwd, _rms_norm_bwd)
 
 
 def rms_norm(x, weight, eps=1e-6):
