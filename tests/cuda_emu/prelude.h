@@ -1,7 +1,9 @@
-// Host emulation of the CUDA execution model, enough for csrc/flash_attn.cu to compile with g++ and run
+// Host emulation of the CUDA execution model, enough for the csrc/*.cu kernels to compile with g++ and run
 // on a CPU: each thread of a block is a fiber (ucontext) run in a random order, __syncthreads and
-// warp-wide operations are real barriers, shared memory starts as NaN for every block. Used by
-// tests/test_cuda_emulated.py; the PTX instructions themselves are in ptx_emu.inc.
+// warp-wide operations (shuffles, mma) are real barriers, shared memory starts as NaN for every block.
+// Used by tests/test_cuda_emulated.py, which rewrites every `__shared__` declaration of a kernel into
+// block-shared storage here (dynamic: a pointer to emu::smem_lo; static: emu::block_shared<type[n]>()),
+// and every launch into emu_launch. The PTX instructions themselves are in ptx_emu.inc.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -16,6 +18,7 @@
 #include <random>
 #include <vector>
 #include <algorithm>
+#include <memory>
 
 #undef __global__
 #undef __device__
@@ -26,14 +29,18 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__
+#define __shared__ __shared__must_be_rewritten_by_tests_test_cuda_emulated_py
 
 namespace emu {
 struct Copy { void *dst; unsigned char data[16]; };
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char *stack = nullptr;
   uint3 tid;
+  size_t shared_used = 0;   // bytes of static_smem handed out to this thread's __shared__ declarations
+  const long *wait_gen = nullptr;   // blocked in a barrier until *wait_gen != wait_val
+  long wait_val = 0;
+  unsigned priority = 0;
   bool done = false;
   std::vector<Copy> batch;
   std::vector<std::vector<Copy>> groups;
@@ -44,7 +51,15 @@ inline ucontext_t sched_ctx;
 inline uint3 block_idx, grid_dim, block_dim;
 inline std::function<void()> body;
 inline std::mt19937 rng(1234);
-inline unsigned char *smem_lo = nullptr, *smem_hi = nullptr;
+// Dynamic shared memory (extern __shared__): [smem_lo, smem_hi); a caller may point these at its own buffer.
+alignas(16) inline unsigned char dyn_smem[256 * 1024];
+inline unsigned char *smem_lo = dyn_smem, *smem_hi = dyn_smem + sizeof(dyn_smem);
+// Static shared memory (__shared__ T a[n] in a kernel): every thread of a block makes the same declarations
+// in the same order, so the i-th one of each thread lands at the same offset: one array per block.
+alignas(16) inline unsigned char static_smem[48 * 1024];
+inline int sm_count = 132;                 // what cudaDeviceGetAttribute(MultiProcessorCount) reports
+constexpr size_t kStackBytes = 1 << 18;
+inline std::vector<std::unique_ptr<char[]>> stack_pool;   // fiber stacks, reused from block to block
 struct Range { const char *lo, *hi; };
 inline std::vector<Range> global_ranges;   // cp.async sources must fall in one of these
 
@@ -57,8 +72,10 @@ inline Barrier warp_bar[32];
 inline void arrive(Barrier &b, int n) {
   long g = b.gen;
   if (++b.count == n) { b.count = 0; ++b.gen; return; }
+  fibers[cur].wait_gen = &b.gen, fibers[cur].wait_val = g;   // not scheduled again until the barrier opens
   long spins = 0;
   while (b.gen == g) { yield(); if (++spins > 50000000) { fprintf(stderr, "deadlock\n"); abort(); } }
+  fibers[cur].wait_gen = nullptr;
 }
 inline int lane() { return fibers[cur].tid.x & 31; }
 inline int warp() { return fibers[cur].tid.x >> 5; }
@@ -80,20 +97,34 @@ inline void run_block(int nthreads) {
   fibers.resize(nthreads);
   for (int i = 0; i < nthreads; ++i) {
     Fiber &f = fibers[i];
-    f.stack.resize(1 << 18);
+    if ((int)stack_pool.size() <= i) stack_pool.emplace_back(new char[kStackBytes]);
+    f.stack = stack_pool[i].get();
     f.tid = make_uint3(i, 0, 0);
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &sched_ctx;
     makecontext(&f.ctx, trampoline, 0);
   }
   block_bar = Barrier();
   for (auto &w : warp_bar) w = Barrier();
-  std::vector<int> live(nthreads);
+  // Schedule: every other block (at random) picks any runnable thread at random; the others run the runnable
+  // thread of highest priority (a random order per block) until it blocks, so that one warp can race ahead
+  // of another -- the schedule that exposes a missing __syncthreads.
+  const bool by_priority = rng() % 2;
+  for (auto &f : fibers) f.priority = rng();
+  std::vector<int> live(nthreads), runnable;
   for (int i = 0; i < nthreads; ++i) live[i] = i;
   while (!live.empty()) {
-    int k = rng() % live.size();
+    runnable.clear();
+    for (int k = 0; k < (int)live.size(); ++k) {
+      const Fiber &f = fibers[live[k]];
+      if (!f.wait_gen || *f.wait_gen != f.wait_val) runnable.push_back(k);
+    }
+    if (runnable.empty()) { fprintf(stderr, "deadlock: every live thread waits in a barrier\n"); abort(); }
+    int k = runnable[rng() % runnable.size()];
+    if (by_priority)
+      for (int r : runnable) if (fibers[live[r]].priority > fibers[live[k]].priority) k = r;
     cur = live[k];
     swapcontext(&sched_ctx, &fibers[cur].ctx);
     if (fibers[cur].done) {
@@ -106,6 +137,29 @@ inline void run_block(int nthreads) {
   }
   cur = -1;
 }
+
+// The storage of one static __shared__ array (the rewrite of `__shared__ T name[n];`).
+template <typename A> A &block_shared() {
+  Fiber &f = fibers[cur];
+  const size_t off = (f.shared_used + 15) & ~size_t(15);
+  f.shared_used = off + sizeof(A);
+  if (f.shared_used > sizeof(static_smem)) { fprintf(stderr, "static shared memory over 48 KB\n"); abort(); }
+  return *reinterpret_cast<A *>(static_smem + off);
+}
+
+// Warp exchange: every lane of the warp publishes v, then reads lane src's value (its own if src is off
+// the warp, as __shfl_down_sync does past the last lane).
+template <typename T> inline T shuffle(unsigned mask, T v, int src) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  if (mask != 0xffffffffu) { fprintf(stderr, "partial-warp shuffle masks are not emulated\n"); abort(); }
+  const int w = warp(), l = lane();
+  memcpy(&slots[w][l].u[0], &v, 4);
+  warp_sync();
+  T r;
+  memcpy(&r, &slots[w][src >= 0 && src < 32 ? src : l].u[0], 4);
+  warp_sync();
+  return r;
+}
 }  // namespace emu
 
 #define threadIdx (emu::fibers[emu::cur].tid)
@@ -115,26 +169,38 @@ inline void run_block(int nthreads) {
 
 inline void __syncthreads() { emu::arrive(emu::block_bar, emu::block_dim.x); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
-template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int m) {
-  assert(mask == 0xffffffffu);
-  int w = emu::warp(), l = emu::lane();
-  static_assert(sizeof(T) == 4, "");
-  memcpy(&emu::slots[w][l].u[0], &v, 4);
-  emu::warp_sync();
-  T r;
-  memcpy(&r, &emu::slots[w][l ^ m].u[0], 4);
-  emu::warp_sync();
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int m) { return emu::shuffle(mask, v, emu::lane() ^ m); }
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src) { return emu::shuffle(mask, v, src & 31); }
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned d) { return emu::shuffle(mask, v, emu::lane() + (int)d); }
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned d) { return emu::shuffle(mask, v, emu::lane() - (int)d); }
+// Byte i of the result is byte (s >> 4i) & 7 of the 8 bytes {y:x} (x the low four).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t)y << 32 | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
   return r;
 }
-template <typename T> inline T __ldg(const T *p) { return *p; }
+// Read-only loads (scalars and the vector types int4/uint4/uint2/float4...): must be naturally aligned.
+template <typename T> inline T __ldg(const T *p) {
+  if ((uintptr_t)p % alignof(T)) { fprintf(stderr, "__ldg misaligned (%zu-byte type)\n", sizeof(T)); abort(); }
+  return *p;
+}
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaGetLastError() cudaSuccess
+#define cudaGetDevice(dev) (*(dev) = 0, cudaSuccess)
+#define cudaDeviceGetAttribute(value, attr, dev) (*(value) = emu::sm_count, cudaSuccess)
 
 template <typename Kernel, typename... Args>
 void emu_launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t, Args... args) {
   assert(smem_bytes <= emu::smem_hi - emu::smem_lo);
   assert(smem_bytes <= 227 * 1024);
+  if (threads <= 0 || threads > 1024 || threads % 32 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535) {   // the kernels here always launch whole warps; a zero or oversized grid is a launch error
+    fprintf(stderr, "bad launch configuration: grid (%u, %u, %u), %d threads\n", grid.x, grid.y, grid.z, threads);
+    abort();
+  }
   emu::grid_dim = make_uint3(grid.x, grid.y, grid.z);
   emu::block_dim = make_uint3(threads, 1, 1);
   for (unsigned z = 0; z < grid.z; ++z)
@@ -142,6 +208,7 @@ void emu_launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStrea
       for (unsigned x = 0; x < grid.x; ++x) {
         emu::block_idx = make_uint3(x, y, z);
         memset(emu::smem_lo, 0xff, emu::smem_hi - emu::smem_lo);   // NaN poison
+        memset(emu::static_smem, 0xff, sizeof(emu::static_smem));
         emu::body = [&] { kernel(args...); };
         emu::run_block(threads);
       }
