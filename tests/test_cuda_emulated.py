@@ -55,6 +55,13 @@ def emulate_cuda_source(src, name, launches):
     return src.replace('#include "common.cuh"', '#include "prelude.h"\n#include "common.cuh"')
 
 
+def host_compiler_and_cuda_headers():
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    return cxx, cuda_include_dir()
+
+
 def emulated_source():
     """csrc/flash_attn.cu with its PTX section replaced by the emulation and its launches by emu_launch."""
     src = open(os.path.join(CSRC, "flash_attn.cu")).read()
@@ -70,10 +77,7 @@ def emulated_source():
 
 @pytest.fixture(scope="module")
 def checker(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if not cxx:
-        pytest.skip("no C++ compiler")
-    inc = cuda_include_dir()
+    cxx, inc = host_compiler_and_cuda_headers()
     build = tmp_path_factory.mktemp("cuda_emu")
     (build / "flash_attn_emu.cpp").write_text(emulated_source())
     exe = build / "flash_attn_check"
@@ -126,10 +130,7 @@ def emulated_attn_pool_source():
 
 @pytest.fixture(scope="module")
 def memory_ops_checker(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if not cxx:
-        pytest.skip("no C++ compiler")
-    inc = cuda_include_dir()
+    cxx, inc = host_compiler_and_cuda_headers()
     build = tmp_path_factory.mktemp("cuda_emu_memory_ops")
     sources = {
         "rmsnorm_emu.cpp": emulate_cuda_source(open(os.path.join(CSRC, "rmsnorm.cu")).read(), "rmsnorm.cu", launches=2),

@@ -7,7 +7,6 @@ import torch
 
 import kernels
 from kernels import ref
-from kernels.tl_utils import poison_outputs
 
 if not torch.cuda.is_available():
     pytest.skip("the cuda backend's numerics need a GPU (its build is tested in test_cuda_build.py)",
@@ -16,6 +15,7 @@ if not torch.cuda.is_available():
 import test_triton_attention as attn_tests  # noqa: E402  (tests/ is on sys.path under pytest)
 import test_triton_gather as gather_tests  # noqa: E402
 import test_triton_pool as pool_tests  # noqa: E402
+import test_triton_rmsnorm as rms_tests  # noqa: E402
 
 DEVICE = "cuda"
 HALF = [torch.float16, torch.bfloat16]
@@ -85,18 +85,7 @@ def test_attention_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9, 88), (130, 384), (5, 1408), (2, 3200), (1, 8192),
                                    (32, 417, 1408), (8, 2049, 3200), (3, 7, 13)])
 def test_rms_norm(seed, shape, dtype):
-    x = (torch.randn(*shape, device=DEVICE) * 3).to(dtype).requires_grad_()
-    w = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_()
-    with poison_outputs():
-        y = kernels.rms_norm(x, w, 1e-6, backend="cuda")
-        dy = torch.randn_like(y)
-        y.backward(dy)
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    yd = ref.rms_norm(xd, wd, 1e-6)
-    yd.backward(dy.double())
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    for name, got, want in (("y", y, yd), ("dx", x.grad, xd.grad), ("dw", w.grad, wd.grad)):
-        pool_tests.check(got, want, tol, name)
+    rms_tests.run_and_check(shape, dtype, backend="cuda")
 
 
 def test_rms_norm_strided_and_unaligned_rows(seed):

@@ -21,10 +21,15 @@ def check(got, want, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9, 88), (130, 384), (5, 1408), (2, 3200), (1, 8192)])
 def test_rms_norm_fwd_bwd(seed, shape, dtype):
+    run_and_check(shape, dtype)
+
+
+def run_and_check(shape, dtype, backend="triton"):
+    """`backend` forward + backward with poisoned outputs; y, dx, dw against the float64 reference."""
     x = (torch.randn(*shape, device=DEVICE) * 3).to(dtype).requires_grad_()
     w = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_()
     with poison_outputs():
-        y = kernels.rms_norm(x, w, 1e-6, backend="triton")
+        y = kernels.rms_norm(x, w, 1e-6, backend=backend)
         dy = torch.randn_like(y)
         y.backward(dy)
     assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == dtype
