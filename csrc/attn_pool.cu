@@ -1,5 +1,5 @@
 // The three token-streaming kernels of the no-K/V attention pooling (the algebra is in the header of
-// kernels/pooling.py; the O(B C^2) rest runs in torch, kernels/pool_math.py). Per sample b, with x (N, C)
+// kernels/triton/attn_pool.py; the O(B C^2) rest runs in torch, kernels/attn_pool_math.py). Per sample b, with x (N, C)
 // of the dtype, xhat = (x - mu) * rstd its LayerNorm-normalised rows (biased variance, + eps), and every
 // other tensor fp32:
 //
@@ -12,7 +12,7 @@
 // is 16 FLOP per byte, above the ridge of fp32 CUDA cores (67 TFLOP/s / 4.8 TB/s = 14 on an H200):
 // an FMA version would be compute bound at 1.5-3x the memory time. So fp16/bf16 x goes through
 // mma.sync.m16n8k16 (fp32 accumulate) on x as stored (exact) and the fp32 operand split into hi + lo
-// in x's dtype, one mma each (dx splits both operands: hi*hi + hi*lo + lo*hi), as kernels/pooling.py
+// in x's dtype, one mma each (dx splits both operands: hi*hi + hi*lo + lo*hi), as kernels/triton/attn_pool.py
 // does: ~16 (bf16) or ~22 (fp16) significand bits where it matters. fp32 x runs plain fp32 FMA kernels
 // (exact fp32, like Triton's "ieee" dots; fp32 x is 4 bytes per element, so K = 16 is near the ridge).
 // Raw x (not xhat) goes into the products, the mean comes off afterwards in fp32: s = rstd (x m^T -
@@ -53,7 +53,7 @@
 //   At ~600 TFLOP/s of mma.sync the issued FLOPs take 10-30 us, under the memory time; the small
 //   operands (m, p, g: <= 0.4 MB per sample) come from L1/L2. 6B (C = 3200, K = 50 -> 64 columns):
 //   rowdot issues 107 GFLOP against 140 us of memory: near the tensor-core limit there.
-// Limits: fp16 x with |m|, |p rstd| or |g| > 65504 overflows the fp16 hi part (as in kernels/pooling.py);
+// Limits: fp16 x with |m|, |p rstd| or |g| > 65504 overflows the fp16 hi part (as in kernels/triton/attn_pool.py);
 //   fp16 lo parts below 6e-5 are subnormal. grid.y/z limits: B <= 65535, C < 4M. K has no limit (more
 //   than 64 (rowdot) / 32 (colsum) columns take several passes over x, one per grid.z).
 #include <algorithm>

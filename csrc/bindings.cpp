@@ -1,4 +1,4 @@
-// The one Python module of the CUDA backend, `_ivmini_cuda`, built by kernels/cuda.py.
+// The one Python module of the CUDA backend, `_ivmini_cuda`, built by kernels/cuda/ops.py.
 //
 // Each op takes keyword arguments only, named after the fields of its Params struct in ivmini_ops.h
 // (pointers as integers from Tensor.data_ptr(), 0 or None for "absent"; strides as tuples; the
@@ -213,13 +213,13 @@ py::dict runtime_info() {
 PYBIND11_MODULE(_ivmini_cuda, m) {
   m.doc() = "ivmini CUDA kernels (csrc/); call through kernels.cuda, which checks every argument";
   def_op<AttnParams>(m, "attention_fwd", [](Args &a) { return attn_params(a, false); }, attention_fwd,
-                     "o, lse = attention(q, k, v); see csrc/flash_attn.cu");
+                     "o, lse = attention(q, k, v); see csrc/attention.cu");
   def_op<AttnParams>(m, "attention_bwd", [](Args &a) { return attn_params(a, true); }, attention_bwd,
-                     "delta, dq, dk, dv from dout; see csrc/flash_attn.cu");
+                     "delta, dq, dk, dv from dout; see csrc/attention.cu");
   def_op<RmsNormParams>(m, "rms_norm_fwd", [](Args &a) { return rms_params(a, false); }, rms_norm_fwd,
-                        "y, rstd = rms_norm(x, w); see csrc/rmsnorm.cu");
+                        "y, rstd = rms_norm(x, w); see csrc/rms_norm.cu");
   def_op<RmsNormParams>(m, "rms_norm_bwd", [](Args &a) { return rms_params(a, true); }, rms_norm_bwd,
-                        "dx and dweight partial sums; see csrc/rmsnorm.cu");
+                        "dx and dweight partial sums; see csrc/rms_norm.cu");
   def_op<GatherParams>(m, "masked_gather_fwd", [](Args &a) { return gather_params(a, false); }, masked_gather_fwd,
                        "out = x[idx] (+ pos[idx]); see csrc/masked_gather.cu");
   def_op<GatherParams>(m, "masked_gather_bwd", [](Args &a) { return gather_params(a, true); }, masked_gather_bwd,

@@ -2,11 +2,11 @@
 //
 // Torch-free on purpose: every function takes raw device pointers, sizes and strides (in elements,
 // not bytes) and the CUDA stream, so the extension builds with nvcc alone (no GPU, no CUDA build of
-// torch). All argument checking (shapes, dtypes, devices, contiguity) happens in kernels/cuda.py;
+// torch). All argument checking (shapes, dtypes, devices, contiguity) happens in kernels/cuda/ops.py;
 // these functions trust their arguments. Each returns cudaSuccess or the first CUDA error
 // (launch errors are read with cudaGetLastError right after each launch).
 //
-// Dtype codes (kernels/cuda.py maps torch dtypes to them): 0 = fp32, 1 = fp16, 2 = bf16. Within one
+// Dtype codes (kernels/cuda/ops.py maps torch dtypes to them): 0 = fp32, 1 = fp16, 2 = bf16. Within one
 // call every tensor argument of "the dtype" shares it; statistics and workspaces are fp32.
 #pragma once
 
@@ -18,7 +18,7 @@ namespace ivmini {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------
-// attention (flash_attn.cu): o = softmax(q k^T * scale + mask) v, see kernels/ref.py::attention.
+// attention (attention.cu): o = softmax(q k^T * scale + mask) v, see kernels/ref.py::attention.
 // q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0 (query head h reads kv head h / (Hq / Hkv)).
 // Strides are [batch, head, token]; the head dim is contiguous. dtype fp16 or bf16; D % 8 == 0, D <= 128.
 // Every pointer 16-byte aligned and every stride of a dim longer than 1 a multiple of 8 elements (the
@@ -49,7 +49,7 @@ cudaError_t attention_fwd(const AttnParams &p, cudaStream_t stream);   // writes
 cudaError_t attention_bwd(const AttnParams &p, cudaStream_t stream);   // reads q,k,v,o,lse,dout; writes delta,dq,dk,dv
 
 // ---------------------------------------------------------------------------------------------
-// rms_norm (rmsnorm.cu), see kernels/ref.py::rms_norm: y = w * cast(x * rstd), rstd = rsqrt(mean(x^2) + eps).
+// rms_norm (rms_norm.cu), see kernels/ref.py::rms_norm: y = w * cast(x * rstd), rstd = rsqrt(mean(x^2) + eps).
 // x, y, dy, dx: (rows, width) with a row stride; w (width,) contiguous; all of the dtype (w already cast).
 struct RmsNormParams {
   int dtype = kFloat32;
@@ -73,7 +73,7 @@ cudaError_t rms_norm_fwd(const RmsNormParams &p, cudaStream_t stream);
 cudaError_t rms_norm_bwd(const RmsNormParams &p, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// masked_gather (masked_gather.cu), see kernels/ref.py::masked_gather and kernels/gather.py.
+// masked_gather (masked_gather.cu), see kernels/ref.py::masked_gather and kernels/triton/masked_gather.py.
 // Forward: out[l, b, k, :] = x[l, b, idx[b, k], :] (+ pos[idx[b, k], :]), added in fp32, rounded once.
 // Backward: dx[l, b, n, :] = dout[l, b, inv[b, n], :] or 0 when inv[b, n] < 0; dpos[n, :] = sum over l, b.
 // L layers share the indices (L = 1 for a 3-D x). Strides: [layer, batch, token]; channels contiguous.
@@ -101,7 +101,7 @@ cudaError_t masked_gather_bwd(const GatherParams &p, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // attn_pool (attn_pool.cu): the three token-streaming kernels of the no-K/V attention pooling; the
-// O(B C^2) parts run in torch (kernels/cuda.py, the same algebra as kernels/pooling.py's header).
+// O(B C^2) parts run in torch (kernels/cuda/ops.py, the same algebra as kernels/triton/attn_pool.py's header).
 // x (B, N, C) of the dtype, strides [batch, token], channels contiguous; everything else fp32 contiguous.
 // B <= 65535 (grid limit).
 //   rowdot:  mu, rstd (B, N) = LayerNorm statistics of each row of x (biased variance, + eps);

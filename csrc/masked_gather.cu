@@ -1,5 +1,5 @@
 // Masked (visible-token) gather, forward and backward (spec: kernels/ref.py::masked_gather; the Triton
-// twin is kernels/gather.py, whose header explains the backward-as-a-gather):
+// twin is kernels/triton/masked_gather.py, whose header explains the backward-as-a-gather):
 //
 //   forward   out[l, b, k, :] = x[l, b, idx[b, k], :] (+ pos[idx[b, k], :])   added in fp32, rounded once;
 //             an index outside [0, N) gives a zero row (no memory access)
@@ -21,7 +21,7 @@
 // Napkin math (bf16, B = 32, N = 2049, K = 417 visible (20%), C = 1408, L = 1):
 //   forward   reads the K gathered rows of x and writes out: 2 x 32 x 417 x 1408 x 2 bytes = 75 MB, + pos
 //             (5.8 MB, read from HBM about once, then from L2): ~81 MB -> 27 us at the 3.0 TB/s copy
-//             speed of an H100 (17 us at 4.8 TB/s). (kernels/gather.py counts pos per row: 113 MB.)
+//             speed of an H100 (17 us at 4.8 TB/s). (kernels/triton/masked_gather.py counts pos per row: 113 MB.)
 //   backward  reads dout (37.6 MB), writes dx (185 MB, 80% zeros that must be written anyway) and dpos
 //             (fp32, 11.5 MB): 234 MB -> 78 us at 3.0 TB/s.
 //   No arithmetic to speak of: the target is the copy bandwidth. Bytes in flight: up to kUnroll x 16 B

@@ -193,7 +193,7 @@ class AttentionPool(nn.Module):
 
         Used by teachers for semantic masking (official `return_attn`). Computed without K: with one
         query per head the score of token j is LN_k(x_j) . (W_k,h^T q_h) + a per-head constant
-        (the same fold as kernels/pooling.py), so this costs O(N C H) instead of a K projection.
+        (the same fold as kernels/triton/attn_pool.py), so this costs O(N C H) instead of a K projection.
         """
         B, N, C = x.shape
         a, H = self.cross_attn, self.num_heads

@@ -8,9 +8,7 @@
     masked_visible_idx(mask, num_visible=None)      (helper: official boolean mask -> visible_idx)
 
 Semantics are defined once, by kernels/ref.py. Backends: "ref" (that file, any device), "triton"
-(kernels/*.py), "cuda" (csrc/ via kernels/cuda.py). The Triton files are flash_attn.py, rmsnorm.py,
-pooling.py and gather.py, not named after the public functions because a submodule of that name
-would shadow the function on the package. Choice, first match wins: the `backend=`
+(kernels/triton/<op>.py), "cuda" (csrc/<op>.cu via kernels/cuda/). Choice, first match wins: the `backend=`
 argument, the IVMINI_BACKEND environment variable, else "triton" for CUDA tensors and "ref"
 otherwise. The choice is logged once per op. A backend that cannot run the call (not built, wrong
 device, op not implemented there) is an error: there is no silent fallback that changes numerics.
@@ -42,7 +40,8 @@ class BackendUnavailable(RuntimeError):
 _IMPLS = {op: {"ref": getattr(ref, op)} for op in ("attention", "rms_norm", "attn_pool", "masked_gather")}
 # modules that register a backend's ops when imported (imported lazily, so that `import kernels`
 # never needs triton, nvcc or a GPU)
-_BACKEND_MODULES = {"triton": ("flash_attn", "rmsnorm", "gather", "pooling"), "cuda": ("cuda",)}
+_BACKEND_MODULES = {"triton": ("triton.attention", "triton.rms_norm", "triton.masked_gather", "triton.attn_pool"),
+                    "cuda": ("cuda.ops",)}
 _LOADED = set()
 _LOGGED = set()
 

@@ -6,7 +6,7 @@ For each op at the InternVideo2 shapes (bf16) it times, side by side in one run 
              F.rms_norm, the unfused pooling module (LayerNorm + Linear + SDPA, as the official
              clip_projector), boolean indexing / torch.gather
     triton   kernels/*.py
-    cuda     csrc/ through kernels/cuda.py, when it is built
+    cuda     csrc/ through kernels/cuda/ops.py, when it is built
 forward ("fwd") and forward+backward ("fwd+bwd"), as the median of triton.testing.do_bench (which
 flushes the L2 cache before every run). Figures: attention in TFLOP/s (4*B*H*Nq*Nk*d forward, x2.5
 for the backward, the real d, not padded; causal halves it); memory-bound ops in GB/s of the bytes

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import flash_attn, gather, pooling, rmsnorm  # noqa: E402
+from .triton import attention, attn_pool, masked_gather, rms_norm  # noqa: E402
 
 TYPE = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32"}
 FLOAT_ARGS = {"eps", "qk_scale", "sm_scale"}
@@ -39,29 +39,29 @@ def variants(full):
     dtypes = (tl.bfloat16, tl.float16, tl.float32) if full else (tl.bfloat16,)
     for dt in dtypes:
         prec = "ieee" if dt == tl.float32 else "tf32"
-        yield rmsnorm._rms_norm_fwd_kernel, dict(X="x", W="x", Y="x", RSTD="fp32"), \
+        yield rms_norm._rms_norm_fwd_kernel, dict(X="x", W="x", Y="x", RSTD="fp32"), \
             [dict(ROUND=dt, BLOCK_M=2, BLOCK_N=2048, num_warps=8)], dt
-        yield rmsnorm._rms_norm_bwd_kernel, dict(DY="x", X="x", W="x", RSTD="fp32", DX="x", DW_PARTIAL="fp32"), \
+        yield rms_norm._rms_norm_bwd_kernel, dict(DY="x", X="x", W="x", RSTD="fp32", DX="x", DW_PARTIAL="fp32"), \
             [dict(ROUND=dt, BLOCK_M=2, BLOCK_N=2048, num_warps=8)], dt
-        yield gather._masked_gather_fwd_kernel, dict(X="x", IDX="i64", POS="x", OUT="x"), \
+        yield masked_gather._masked_gather_fwd_kernel, dict(X="x", IDX="i64", POS="x", OUT="x"), \
             [dict(HAS_POS=True, ROUND=dt, BLOCK_K=16, BLOCK_C=256, num_warps=4)], dt
-        yield gather._masked_gather_bwd_kernel, dict(DOUT="x", INV="i32", DX="x", DPOS="x"), \
+        yield masked_gather._masked_gather_bwd_kernel, dict(DOUT="x", INV="i32", DX="x", DPOS="x"), \
             [dict(HAS_POS=True, BLOCK_N=16, BLOCK_C=256, num_warps=4)], dt
         pool = dict(DOT=dt, SPLIT=dt != tl.float32, PRECISION=prec, BLOCK_K=32)
         f32 = lambda *names: {n: "fp32" for n in names}  # noqa: E731
-        for kern, ptrs in ((pooling._attn_pool_rowdot_kernel, dict(X="x", **f32("M", "S", "MU", "RSTD"))),
-                           (pooling._attn_pool_colsum_kernel, dict(X="x", **f32("P", "MU", "RSTD", "Z"))),
-                           (pooling._attn_pool_bwd_dx_kernel,
+        for kern, ptrs in ((attn_pool._attn_pool_rowdot_kernel, dict(X="x", **f32("M", "S", "MU", "RSTD"))),
+                           (attn_pool._attn_pool_colsum_kernel, dict(X="x", **f32("P", "MU", "RSTD", "Z"))),
+                           (attn_pool._attn_pool_bwd_dx_kernel,
                             dict(X="x", DX="x", **f32("G", "M", "MU", "RSTD", "C1", "C2", "R")))):
             yield kern, ptrs, [dict(pool, **c.all_kwargs()) for c in kern.configs[:None if full else 1]], dt
         for D, causal, kpm in itertools.product((64, 88, 128) if full else (88,), (False, True), (False, True)):
             if causal and kpm and not full:
                 continue
-            D0, D1 = flash_attn.split_head_dim(D)
+            D0, D1 = attention.split_head_dim(D)
             meta = dict(D=D, D0=D0, D1=D1, IS_CAUSAL=causal, HAS_KPM=kpm, DOT=dt, PRECISION=prec)
             ptrs = dict(LSE="fp32", DELTA="fp32", KPM="u8", **{n: "x" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")})
-            for kern in (flash_attn._attention_fwd_kernel, flash_attn._attention_bwd_dkdv_kernel,
-                         flash_attn._attention_bwd_dq_kernel):
+            for kern in (attention._attention_fwd_kernel, attention._attention_bwd_dkdv_kernel,
+                         attention._attention_bwd_dq_kernel):
                 yield kern, ptrs, [dict(meta, **c.all_kwargs()) for c in kern.configs[:None if full else 1]], dt
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cuda
+from kernels.cuda import ops as cuda
 
 OPS = ["attention_fwd", "attention_bwd", "rms_norm_fwd", "rms_norm_bwd", "masked_gather_fwd", "masked_gather_bwd",
        "attn_pool_rowdot", "attn_pool_colsum", "attn_pool_dx"]

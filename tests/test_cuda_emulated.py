@@ -4,10 +4,10 @@ shared memory NaN-poisoned per block, launches rewritten into emu_launch), its i
 emulations written from the PTX ISA tables (tests/cuda_emu/ptx_emu.inc: mma.sync, ldmatrix, cp.async, ex2).
 Everything else -- tiling, masking, reductions, the host-side dispatch -- is the real code.
 
-flash_attn.cu: 17 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
+attention.cu: 17 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
 all-padded sample, GQA, strided heads-last layouts, N = 0, 1, 257, sharp softmaxes) against a float64
-reference, with NaN-poisoned outputs and canaries around every tensor (tests/cuda_emu/flash_attn_check.cpp).
-rmsnorm.cu, masked_gather.cu, attn_pool.cu: forward and backward entry points on fresh random inputs, the
+reference, with NaN-poisoned outputs and canaries around every tensor (tests/cuda_emu/attention_check.cpp).
+rms_norm.cu, masked_gather.cu, attn_pool.cu: forward and backward entry points on fresh random inputs, the
 same way (tests/cuda_emu/memory_ops_check.cpp; the cases are listed above MEMORY_OPS below).
 What this cannot see: the real instruction semantics (the emulation is written from the PTX ISA tables),
 timing, and compiler-specific behaviour; tests/test_cuda_ops.py on a GPU is the final word."""
@@ -63,14 +63,14 @@ def host_compiler_and_cuda_headers():
 
 
 def emulated_source():
-    """csrc/flash_attn.cu with its PTX section replaced by the emulation and its launches by emu_launch."""
-    src = open(os.path.join(CSRC, "flash_attn.cu")).read()
+    """csrc/attention.cu with its PTX section replaced by the emulation and its launches by emu_launch."""
+    src = open(os.path.join(CSRC, "attention.cu")).read()
     start, end = src.find("// PTX wrappers"), src.find("// fragments:")
-    assert start > 0 and end > start, "csrc/flash_attn.cu must keep its '// PTX wrappers' and '// fragments:' sections"
+    assert start > 0 and end > start, "csrc/attention.cu must keep its '// PTX wrappers' and '// fragments:' sections"
     start = src.rindex("\n// ----", 0, start) + 1     # from the divider line above each section title
     end = src.rindex("\n// ----", 0, end) + 1
     src = src[:start] + '#include "ptx_emu.inc"\n' + src[end:]
-    src = emulate_cuda_source(src, "flash_attn.cu", launches=1)
+    src = emulate_cuda_source(src, "attention.cu", launches=1)
     return src.replace('#include "common.cuh"', '#include "common.cuh"\n'
                        "namespace ivmini { namespace { alignas(16) unsigned char smem[256 * 1024]; } }\n")
 
@@ -79,10 +79,10 @@ def emulated_source():
 def checker(tmp_path_factory):
     cxx, inc = host_compiler_and_cuda_headers()
     build = tmp_path_factory.mktemp("cuda_emu")
-    (build / "flash_attn_emu.cpp").write_text(emulated_source())
-    exe = build / "flash_attn_check"
+    (build / "attention_emu.cpp").write_text(emulated_source())
+    exe = build / "attention_check"
     proc = subprocess.run([cxx, "-std=c++17", "-O1", "-w", "-I", str(build), "-I", EMU, "-I", CSRC, "-I", inc,
-                           os.path.join(EMU, "flash_attn_check.cpp"), "-o", str(exe)], capture_output=True, text=True)
+                           os.path.join(EMU, "attention_check.cpp"), "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, f"compiling the emulated flash attention failed:\n{proc.stderr[-4000:]}"
     return exe
 
@@ -97,7 +97,7 @@ def test_flash_attention_cuda_source_runs_correctly_under_emulation(checker, see
 
 
 # ---------------------------------------------------------------------------------------------
-# The memory-bound kernels: csrc/rmsnorm.cu, csrc/masked_gather.cu, csrc/attn_pool.cu, each compiled as its
+# The memory-bound kernels: csrc/rms_norm.cu, csrc/masked_gather.cu, csrc/attn_pool.cu, each compiled as its
 # own translation unit (their anonymous namespaces stay apart) and linked with tests/cuda_emu/memory_ops_check.cpp,
 # which calls the real host entry points. Cases (all with NaN-poisoned outputs, canaries around every buffer,
 # per-element error bounds from the dtype's rounding and the contract's fp32 arithmetic):
@@ -133,7 +133,7 @@ def memory_ops_checker(tmp_path_factory):
     cxx, inc = host_compiler_and_cuda_headers()
     build = tmp_path_factory.mktemp("cuda_emu_memory_ops")
     sources = {
-        "rmsnorm_emu.cpp": emulate_cuda_source(open(os.path.join(CSRC, "rmsnorm.cu")).read(), "rmsnorm.cu", launches=2),
+        "rms_norm_emu.cpp": emulate_cuda_source(open(os.path.join(CSRC, "rms_norm.cu")).read(), "rms_norm.cu", launches=2),
         "masked_gather_emu.cpp": emulate_cuda_source(open(os.path.join(CSRC, "masked_gather.cu")).read(),
                                                      "masked_gather.cu", launches=2),
         "attn_pool_emu.cpp": emulated_attn_pool_source(),

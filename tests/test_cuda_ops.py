@@ -25,7 +25,7 @@ ATTN_CASES = [c for c in attn_tests.CASES if c[5] <= 128]   # the cuda kernel co
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    from kernels import cuda
+    from kernels.cuda import ops as cuda
     cuda.ext()   # compile once up front, so a build error shows as such
 
 
@@ -59,7 +59,7 @@ def test_attention_lse_and_strided_views(seed):
     od.square().sum().backward()
     attn_tests.check(o, od, torch.bfloat16, "o")
     attn_tests.check(qkv.grad, qkv_d.grad, torch.bfloat16, "dqkv")
-    from kernels import cuda
+    from kernels.cuda import ops as cuda
     _, lse = cuda.attention_fwd(q, k, v, None, False, D ** -0.5)
     _, lse_ref = ref.attention(qd, kd, vd, return_lse=True)
     torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=2e-2)

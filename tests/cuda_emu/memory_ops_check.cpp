@@ -1,4 +1,4 @@
-// Runs csrc/rmsnorm.cu, csrc/masked_gather.cu and csrc/attn_pool.cu on the CPU. tests/test_cuda_emulated.py
+// Runs csrc/rms_norm.cu, csrc/masked_gather.cu and csrc/attn_pool.cu on the CPU. tests/test_cuda_emulated.py
 // rewrites each into <name>_emu.cpp (launches -> emu_launch, __shared__ -> block-shared storage, attn_pool's
 // mma wrapper -> attn_pool_mma_emu.inc; every CUDA thread a fiber: prelude.h) and links them, each its own
 // translation unit, with this driver. The driver calls the real host entry points (ivmini::rms_norm_fwd, ...)

@@ -11,7 +11,7 @@ be the LayerNorm-normalised row before its affine (shared by LN_k and LN_v), gam
     p_jh = softmax_j(s_jh);            z_h = sum_j p_jh xhat_j         (C,)   (sum_j p_jh = 1)
     o_h  = Wv_h (gamma_v * z_h + beta_v) + bv_h;     out = concat_h(o_h) Wo^T + bo
 So the only work proportional to N is: row statistics of x, S = Xhat A^T (N x H) and Z = P^T Xhat (H x C).
-Everything else is O(B C^2) and runs in torch (fp32, kernels/pool_math.py, shared with the CUDA
+Everything else is O(B C^2) and runs in torch (fp32, kernels/attn_pool_math.py, shared with the CUDA
 backend). beta_k and bk only add the cancelling constant: their gradient is exactly zero.
 
 Kernels (x is read as stored; statistics and accumulators fp32; grids put the blocks of one sample next
@@ -58,7 +58,7 @@ the N=2049 forward is ~0.12 ms, against ~0.7 ms for the unfused projection GEMMs
 Not done (a possible v2): one forward pass with a split-N online softmax (flash-decoding style partials
 of Z) would save one read of x; fusing dA into the dx pass one more in the backward.
 
-Test: pytest tests/test_triton_pool.py       Benchmark: python -m kernels.bench attn_pool
+Test: pytest tests/test_attn_pool.py       Benchmark: python -m kernels.bench attn_pool
 """
 from types import SimpleNamespace
 
@@ -66,9 +66,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import custom_ops, pool_math, ref, register
-from .tl_utils import (autotune, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard, empty,
-                       next_pow2)
+from .. import attn_pool_math, custom_ops, ref, register
+from ..common import check_dtype, check_last_dim_contiguous, device_guard, empty, next_pow2
+from .utils import autotune, compute_dtype
 
 
 def _configs(*tiles):
@@ -260,7 +260,7 @@ def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, 
                    wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
-    return pool_math.forward(_OPS, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
+    return attn_pool_math.forward(_OPS, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
                              num_heads, eps)
 
 
@@ -270,7 +270,7 @@ def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln
                    bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
                    num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments, each in its input's dtype."""
-    return pool_math.backward(_OPS, dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv,
+    return attn_pool_math.backward(_OPS, dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv,
                               wo, bo, xbar, z, num_heads, eps)
 
 

@@ -1,5 +1,5 @@
 // RMSNorm forward and backward, InternVideo2 semantics (spec: kernels/ref.py::rms_norm; the Triton twin
-// is kernels/rmsnorm.py, which fixes the order of rounding):
+// is kernels/triton/rms_norm.py, which fixes the order of rounding):
 //
 //   forward   rstd = 1 / sqrt(mean(x^2) + eps),   y = w * cast(x * rstd)        fp32 math, y rounded once
 //   backward  xhat = x * rstd, g = dy * w:        dx = rstd * (g - xhat * mean(g * xhat))

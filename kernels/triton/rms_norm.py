@@ -15,15 +15,15 @@ Napkin math (bf16, rows = 32*417, width 1408): forward moves 2 bytes x in + 2 by
 element (+4 bytes rstd per row), backward reads x and dy and writes dx: 6 bytes per element. Both
 are memory bound (a few FLOPs per byte), so the target is the device copy bandwidth.
 
-Test: pytest tests/test_triton_ops.py -k rms_norm    Benchmark: python -m kernels.bench rms_norm
+Test: pytest tests/test_rms_norm.py    Benchmark: python -m kernels.bench rms_norm
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import custom_ops, ref, register
-from .tl_utils import (INTERPRET, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard,
-                       empty, next_pow2)
+from .. import custom_ops, ref, register
+from ..common import check_dtype, check_last_dim_contiguous, device_guard, empty, next_pow2
+from .utils import INTERPRET, compute_dtype
 
 MAX_WIDTH = 65536
 

@@ -25,7 +25,7 @@ Napkin math (1B, B=32, H=16, d=88, N=2049, bf16): forward 4*B*H*N^2*d = 755 GFLO
 with d=88, not 96), backward 2.5x that; memory: q, k, v, o = 4 * 2*B*N*H*d bytes = 0.74 GB, i.e.
 ~1000 FLOP/byte: compute bound, judged in TFLOP/s against the measured bf16 matmul ceiling.
 
-Test: pytest tests/test_triton_attention.py       Benchmark: python -m kernels.bench attention
+Test: pytest tests/test_attention.py       Benchmark: python -m kernels.bench attention
 """
 from typing import Optional
 
@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import custom_ops, ref, register
-from .tl_utils import (INTERPRET, autotune, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard,
-                       empty, next_pow2)
+from .. import custom_ops, ref, register
+from ..common import check_dtype, check_last_dim_contiguous, device_guard, empty, next_pow2
+from .utils import INTERPRET, autotune, compute_dtype
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256

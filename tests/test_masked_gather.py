@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import gather, ref
-from kernels.tl_utils import poison_outputs
+from kernels import ref
+from kernels.triton import masked_gather as gather
+from kernels.common import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from kernels import ref
-from kernels.tl_utils import poison_outputs
+from kernels.common import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

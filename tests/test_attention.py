@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import flash_attn, ref
-from kernels.tl_utils import poison_outputs
+from kernels import ref
+from kernels.triton import attention as triton_attention
+from kernels.common import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -88,7 +89,7 @@ def test_lse_matches_reference(seed):
     q, k, v = (torch.randn(2, 2, n, 40, device=DEVICE) for n in (19, 23, 23))
     kpm = torch.rand(2, 23, device=DEVICE) > 0.5
     kpm[1] = False
-    _, lse = flash_attn.attention_fwd(q, k, v, kpm, True, 0.3)
+    _, lse = triton_attention.attention_fwd(q, k, v, kpm, True, 0.3)
     _, want = ref.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=kpm, scale=0.3,
                             return_lse=True)
     finite = torch.isfinite(want)
@@ -113,12 +114,12 @@ def test_strided_views_like_the_vit(seed):
 
 
 def test_head_dim_split():
-    assert flash_attn.split_head_dim(88) == (64, 32)
-    assert flash_attn.split_head_dim(64) == (64, 0)
-    assert flash_attn.split_head_dim(128) == (128, 0)
-    assert flash_attn.split_head_dim(72) == (64, 16)
-    assert flash_attn.split_head_dim(8) == (16, 0)
-    assert flash_attn.split_head_dim(200) == (128, 128)
+    assert triton_attention.split_head_dim(88) == (64, 32)
+    assert triton_attention.split_head_dim(64) == (64, 0)
+    assert triton_attention.split_head_dim(128) == (128, 0)
+    assert triton_attention.split_head_dim(72) == (64, 16)
+    assert triton_attention.split_head_dim(8) == (16, 0)
+    assert triton_attention.split_head_dim(200) == (128, 128)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -19,7 +19,7 @@ Environment: IVMINI_NVCC (else $CUDA_HOME/bin/nvcc, else nvcc on PATH); IVMINI_C
 Calls. Each op checks its arguments here (CUDA tensors, dtypes, head dim; layouts the kernels need
 are made with a copy when a view does not have them), allocates the outputs, and passes pointers,
 strides and the current stream to the module. The O(B C^2) part of attention pooling is shared with
-the Triton backend (kernels/pool_math.py). Every op is a torch custom op with its autograd formula,
+the Triton backend (kernels/attn_pool_math.py). Every op is a torch custom op with its autograd formula,
 so the backend is a drop-in for "ref" and "triton" (torch.compile included).
 """
 import argparse
@@ -41,10 +41,10 @@ from typing import Optional
 
 import torch
 
-from . import BackendUnavailable, custom_ops, pool_math, ref, register
-from .tl_utils import device_guard, empty
+from .. import BackendUnavailable, attn_pool_math, custom_ops, ref, register
+from ..common import device_guard, empty
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 MODULE = "_ivmini_cuda"
 DEFAULT_ARCHS = ("80", "90a")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC")
@@ -409,7 +409,7 @@ def masked_gather(x, visible_idx, pos_embed=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# attn_pool: the three token-streaming kernels; the rest is kernels/pool_math.py
+# attn_pool: the three token-streaming kernels; the rest is kernels/attn_pool_math.py
 
 def _pool_args(x):
     B, N, C = x.shape
@@ -457,7 +457,7 @@ def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, 
                    wo: torch.Tensor, bo: torch.Tensor, num_heads: int, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
-    return pool_math.forward(_POOL_OPS, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
+    return attn_pool_math.forward(_POOL_OPS, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
                              wv, bv, wo, bo, num_heads, eps)
 
 
@@ -467,7 +467,7 @@ def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln
                    bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, xbar: torch.Tensor, z: torch.Tensor,
                    num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments."""
-    return pool_math.backward(_POOL_OPS, dout, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq,
+    return attn_pool_math.backward(_POOL_OPS, dout, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq,
                               wk, bk, wv, bv, wo, bo, xbar, z, num_heads, eps)
 
 

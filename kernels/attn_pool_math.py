@@ -1,6 +1,6 @@
-"""The torch side of the no-K/V attention pooling, shared by the Triton (kernels/pooling.py) and CUDA
-(kernels/cuda.py) backends: everything of size O(B C^2) plus the softmax over tokens, in fp32.
-The algebra is explained in kernels/pooling.py's header. The three token-streaming steps come from
+"""The torch side of the no-K/V attention pooling, shared by the Triton (kernels/triton/attn_pool.py) and CUDA
+(kernels/cuda/ops.py) backends: everything of size O(B C^2) plus the softmax over tokens, in fp32.
+The algebra is explained in kernels/triton/attn_pool.py's header. The three token-streaming steps come from
 `ops`, an object with the backend's launchers:
     ops.rowdot(x, m, eps)                     -> s = xhat m^T (B, N, K), mu, rstd (B, N)      fp32
     ops.colsum(x, p, mu, rstd)                -> p^T xhat (B, K, C)                           fp32

@@ -1,5 +1,5 @@
 // Flash attention, forward and backward, on tensor cores (mma.sync, sm_80+; runs unchanged on sm_90a).
-// The CUDA twin of kernels/flash_attn.py; the semantics are kernels/ref.py::attention:
+// The CUDA twin of kernels/triton/attention.py; the semantics are kernels/ref.py::attention:
 //
 //     o = softmax(q k^T * scale + mask) v      q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)
 //     GQA: query head h reads kv head h / (Hq / Hkv)
@@ -57,7 +57,7 @@
 //            tensor peak (~495 TFLOP/s). Expect FA2-class speed (FA2: 362 TFLOP/s forward at d=128, N=2k on
 //            an H100), not FA3's 625, which needs wgmma, TMA and warp specialisation.
 // Limits: no wgmma/TMA path (Hopper runs the sm_80 design); one tile shape (64 x 64) for every D_T; N = 2049
-// pays a whole 64-block for its CLS token (+3%); pointers and strides must be 16-byte aligned (kernels/cuda.py
+// pays a whole 64-block for its CLS token (+3%); pointers and strides must be 16-byte aligned (kernels/cuda/ops.py
 // makes them so), otherwise cudaErrorInvalidValue.
 //
 // Test: pytest tests/test_cuda_ops.py -k attention (GPU)     Benchmark: python -m kernels.bench attention
@@ -751,7 +751,7 @@ cudaError_t with_head_dim(int D, F &&f) {
 }
 
 // Every row of a (B, H, N, D) tensor starts on 16 bytes (strides of size-1 dims never move the pointer),
-// as the 16-byte cp.async and vector stores need; kernels/cuda.py hands over tensors that way.
+// as the 16-byte cp.async and vector stores need; kernels/cuda/ops.py hands over tensors that way.
 bool aligned16(const void *ptr, const int64_t (&stride)[3], int B, int H, int N) {
   const int size[3] = {B, H, N};
   bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0;

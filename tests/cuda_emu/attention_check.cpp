@@ -1,9 +1,9 @@
-// Runs csrc/flash_attn.cu on the CPU: tests/test_cuda_emulated.py rewrites it into flash_attn_emu.cpp
+// Runs csrc/attention.cu on the CPU: tests/test_cuda_emulated.py rewrites it into attention_emu.cpp
 // (its PTX wrappers replaced by ptx_emu.inc, every CUDA thread a fiber: prelude.h) and compiles this file
 // with g++. Each case runs the forward and the backward on random inputs in a strided buffer whose gaps
 // hold canaries and whose outputs start as NaN, and compares o, lse, dq, dk, dv with a float64 reference.
-//     flash_attn_check SEED [CASE]      exit status 0 when every case passes
-#include "flash_attn_emu.cpp"
+//     attention_check SEED [CASE]      exit status 0 when every case passes
+#include "attention_emu.cpp"
 #include <string>
 using namespace ivmini;
 

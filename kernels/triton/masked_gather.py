@@ -28,7 +28,7 @@ out-of-range ones (a zero row instead of a memory fault); the backward's scatter
 error on CPU, a device-side assert on CUDA). Duplicate indices in a row are not supported (the
 backward keeps one of them); the reference's contract is unique, ascending indices.
 
-Test: pytest tests/test_triton_gather.py    Benchmark: python -m kernels.bench masked_gather
+Test: pytest tests/test_masked_gather.py    Benchmark: python -m kernels.bench masked_gather
 """
 from typing import Optional
 
@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import custom_ops, ref, register
-from .tl_utils import (INTERPRET, check_dtype, check_last_dim_contiguous, compute_dtype, device_guard, empty,
-                       next_pow2)
+from .. import custom_ops, ref, register
+from ..common import check_dtype, check_last_dim_contiguous, device_guard, empty, next_pow2
+from .utils import INTERPRET, compute_dtype
 
 
 @triton.jit

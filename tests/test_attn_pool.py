@@ -1,4 +1,4 @@
-"""Triton attention pooling (kernels/pooling.py) against kernels.ref evaluated in float64: the output and
+"""Triton attention pooling (kernels/triton/attn_pool.py) against kernels.ref evaluated in float64: the output and
 all 15 gradients, head dim 3, N=1, heads padded to 16, more tokens than one block, strided x, a large
 per-token offset (LayerNorm cancellation), poisoned outputs. On CPU this runs under the Triton interpreter."""
 import pytest
@@ -7,7 +7,7 @@ from test_ref_ops import pool_params
 
 import kernels
 from kernels import ref
-from kernels.tl_utils import poison_outputs
+from kernels.common import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -1,0 +1,3 @@
+from .ops import main
+
+main()
