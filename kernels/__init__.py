@@ -1,6 +1,6 @@
 """ivmini kernels: the four public ops and the one place that picks a backend.
 
-    attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, backend=None)
+    attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None, backend=None)
     rms_norm(x, weight, eps=1e-6, *, backend=None)
     attn_pool(x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
               *, num_heads, eps=1e-5, backend=None)
@@ -112,10 +112,11 @@ def _check_device(device, **tensors):
             raise ValueError(f"{name} is on {t.device} but the first input is on {device}")
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, backend=None):
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None, backend=None):
     """Scaled dot-product attention. q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0 (GQA:
     query head h uses kv head h // (Hq // Hkv)); key_padding_mask (B, Nk) bool, True = keep;
-    causal is bottom-right aligned. Returns (B, Hq, Nq, D) in q.dtype. Rows with no key are zero."""
+    causal is bottom-right aligned; bias: float, broadcastable to (B, Hq, Nq, Nk), added to the scaled
+    scores (differentiable). Returns (B, Hq, Nq, D) in q.dtype. Rows with no key are zero."""
     for n, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(n, t, ndim=4)
     if not (q.dtype == k.dtype == v.dtype):
@@ -132,9 +133,14 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, backe
         if tuple(key_padding_mask.shape) != (B, k.shape[2]):
             raise ValueError(f"key_padding_mask must be (B, Nk) = {(B, k.shape[2])}, "
                              f"got {tuple(key_padding_mask.shape)}")
-    _check_device(q.device, k=k, v=v, key_padding_mask=key_padding_mask)
+    if bias is not None:
+        _check_tensor("bias", bias)
+        full = (B, Hq, Nq, k.shape[2])
+        if bias.dim() > 4 or any(b not in (1, f) for b, f in zip(bias.shape[::-1], full[::-1])):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
+    _check_device(q.device, k=k, v=v, key_padding_mask=key_padding_mask, bias=bias)
     fn = resolve_backend("attention", backend, q.device)
-    return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, bias=bias)
 
 
 def rms_norm(x, weight, eps=1e-6, *, backend=None):

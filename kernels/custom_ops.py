@@ -6,9 +6,12 @@ torch.compile can trace models that use them), gives each its fake (shape-only) 
 backward to the forward with autograd. What the forward saves and how the backward is called is the same
 for every backend, so it lives here once:
 
-    attention      fwd(q, k, v, key_padding_mask, causal, scale) -> (o, lse)
-                   bwd(do, q, k, v, o, lse, key_padding_mask, causal, scale) -> (dq, dk, dv)
-                   o, dq, dk, dv are stored heads-last, (B, N, H, D) memory as a (B, H, N, D) view
+    attention      fwd(q, k, v, key_padding_mask, bias, causal, scale) -> (o, lse)
+                   bwd(do, q, k, v, o, lse, key_padding_mask, bias, causal, scale, bias_grad) -> (dq, dk, dv, dbias)
+                   o, dq, dk, dv are stored heads-last, (B, N, H, D) memory as a (B, H, N, D) view;
+                   bias is None or a (B, Hq, Nq, Nk) view of the caller's bias (broadcast dims have stride 0:
+                   the backend expands it, so autograd sums dbias back to the caller's shape); dbias is
+                   (B, Hq, Nq, Nk) fp32 when bias_grad, else an empty (0,) tensor
     rms_norm       fwd(x, weight, eps) -> (y, rstd);  bwd(dy, x, weight, rstd) -> (dx, dweight)
     masked_gather  fwd(x, visible_idx, pos_embed) -> out
                    bwd(dout, visible_idx, N, pos_dtype) -> (dx, dpos)   dpos (1, N, C), or (0,) if pos_dtype is None
@@ -20,28 +23,31 @@ import torch
 
 # ---- attention
 
-def _attention_fake(q, k, v, key_padding_mask, causal, scale):
+def _attention_fake(q, k, v, key_padding_mask, bias, causal, scale):
     B, Hq, Nq, D = q.shape
     return q.new_empty((B, Nq, Hq, D)).transpose(1, 2), q.new_empty((B, Hq, Nq), dtype=torch.float32)
 
 
-def _attention_bwd_fake(do, q, k, v, o, lse, key_padding_mask, causal, scale):
+def _attention_bwd_fake(do, q, k, v, o, lse, key_padding_mask, bias, causal, scale, bias_grad):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    dbias = q.new_empty((B, Hq, Nq, Nk), dtype=torch.float32) if bias_grad else q.new_empty((0,), dtype=torch.float32)
     return (q.new_empty((B, Nq, Hq, D)).transpose(1, 2), k.new_empty((B, Nk, Hkv, D)).transpose(1, 2),
-            v.new_empty((B, Nk, Hkv, D)).transpose(1, 2))
+            v.new_empty((B, Nk, Hkv, D)).transpose(1, 2), dbias)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, kpm, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kpm)
+    q, k, v, kpm, bias, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kpm, bias)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _attention_backward(bwd):
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, kpm = ctx.saved_tensors
-        return (*bwd(do, q, k, v, o, lse, kpm, ctx.causal, ctx.scale), None, None, None)
+        q, k, v, o, lse, kpm, bias = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dbias = bwd(do, q, k, v, o, lse, kpm, bias, ctx.causal, ctx.scale, bias_grad)
+        return dq, dk, dv, None, (dbias.to(bias.dtype) if bias_grad else None), None, None
     return backward
 
 

@@ -4,7 +4,7 @@ Every backend (Triton in kernels/*.py, CUDA in csrc/) is tested against these fu
 in float64. They are written to be read, not to be fast: fp32 math (float64 when given float64),
 result cast back to the input dtype, gradients by autograd.
 
-    attention      softmax(q k^T * scale) v  with causal / key-padding masks and GQA
+    attention      softmax(q k^T * scale + bias) v  with causal / key-padding masks and GQA
     rms_norm       weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)   (InternVideo2 RMSNorm)
     attn_pool      the InternVideo2 `clip_projector`: one mean query attends over all tokens
     masked_gather  x[b, visible_idx[b]] (+ pos_embed[0, visible_idx[b]]), optionally for L stacked layers
@@ -37,12 +37,15 @@ def attention_mask(nq, nk, *, causal=False, key_padding_mask=None, device=None):
     return allowed
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None, return_lse=False):
     """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> o (B, Hq, Nq, D) in q.dtype.
 
-    GQA: query head h reads kv head h // (Hq // Hkv). A query row with no visible key outputs zeros
-    (and log-sum-exp -inf). With return_lse also returns lse (B, Hq, Nq) in fp32/fp64: the natural-log
-    log-sum-exp of the scaled scores, which is what a flash-attention backward needs.
+    GQA: query head h reads kv head h // (Hq // Hkv). bias: an additive term broadcastable to
+    (B, Hq, Nq, Nk) (e.g. a relative position bias or an additive mask), added to the scaled scores
+    before the causal / key-padding masks; its gradient is the gradient of the scores, summed over the
+    broadcast dims. A query row with no visible key (masked, or a bias of -inf everywhere) outputs
+    zeros (and log-sum-exp -inf). With return_lse also returns lse (B, Hq, Nq) in fp32/fp64: the
+    natural-log log-sum-exp of the biased, scaled scores, which is what a flash-attention backward needs.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -52,6 +55,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, retur
     kf = k.to(ct).repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
     vf = v.to(ct).repeat_interleave(group, dim=1)
     s = torch.matmul(q.to(ct), kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    if bias is not None:
+        s = s + bias.to(ct)
     allowed = attention_mask(Nq, Nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     # Softmax is shift invariant, so the (detached) row max only guards exp against overflow.
