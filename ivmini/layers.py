@@ -1,18 +1,27 @@
 """The shared building blocks. Every tower of every stage is made of these; each concept is defined
-once, here.
+once, here, and nothing here knows which model it sits in.
 
-    RMSNorm        InternVideo2 RMSNorm (fp32 statistics), via kernels.rms_norm
-    LayerScale     per-channel residual scale `gamma` (optionally multiplied in fp32)
-    DropPath       stochastic depth, per sample
-    Mlp            fc1 -> GELU (exact or tanh) or QuickGELU -> fc2
-    Attention      multi-head attention: self (fused qkv) or cross (q + kv), causal, GQA, qk-norm
-    Block          pre-norm transformer block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x)))
-    AttentionPool  the InternVideo2 `clip_projector`: mean query, one attention, via kernels.attn_pool
+    RMSNorm          InternVideo2 RMSNorm (fp32 statistics), via kernels.rms_norm
+    LayerScale       per-channel residual scale `gamma` (optionally multiplied in fp32)
+    DropPath         stochastic depth, per sample
+    Mlp              fc1 -> act -> fc2, or gated (SwiGLU): fc2(act(x W_gate) * x W_up)
+    RotaryEmbedding  RoPE (rotate-half convention), lazily built cos/sin tables
+    Attention        multi-head attention: self (fused qkv) or cross (q + kv), causal, GQA, qk-norm, RoPE,
+                     key padding, an additive score bias
+    Block            transformer block, pre-norm or post-norm (deep-norm scaled), self-attention, an optional
+                     cross-attention, MLP
+    AttentionPool    the InternVideo2 `clip_projector`: mean query, one attention, via kernels.attn_pool
 
-Parameter names follow the official checkpoints (`attn.qkv`, `ls1.gamma`, `clip_projector.norm1_q`,
-`clip_projector.cross_attn.q_bias`, ...), so loading them needs no renaming.
-Model code calls only `kernels.*` ops; it never imports triton, the CUDA extension or
-torch.distributed.
+Block settings by tower (their own files hold presets and key maps): ViT, teachers: pre-norm, LayerScale.
+BERT: post-norm LayerNorm eps 1e-12, cross_dim in the fusion layers (the Q-Former: every second layer).
+BEATs: post-norm, residual_scale = (2 * depth)^(1/4), its relative position bias as `bias`. Llama/Mistral:
+pre-norm RMSNorm, rope_theta, num_kv_heads, causal, act="silu", gated=True, bias=False.
+
+Parameter names follow the official InternVideo2 checkpoints (`attn.qkv`, `ls1.gamma`, `clip_projector.norm1_q`,
+`clip_projector.cross_attn.q_bias`, ...), so loading them needs no renaming; other checkpoints map onto the
+same names with a short key map (a fused projection is the concatenation of theirs).
+Model code calls only `kernels.*` ops; it never imports triton, the CUDA extension or torch.distributed.
+Tests: tests/test_layers.py (against hand-written formulas); tests/test_vit.py, test_teachers.py (official code).
 """
 import torch
 import torch.nn as nn
@@ -69,21 +78,70 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> act -> fc2. act: "gelu" (exact erf), "gelu_tanh" (tanh approximation, flash_attn's
-    FusedMLP default) or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)."""
+    FusedMLP default), "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP) or "silu".
 
-    def __init__(self, dim, hidden, act="gelu", out_dim=None, bias=True):
+    gated=True (with act="silu": SwiGLU) computes fc2(act(x W_gate) * (x W_up)). fc1 holds W_gate and
+    W_up as one Linear of 2*hidden output rows [gate; up], split in forward: one GEMM instead of two, and
+    the same keys (mlp.fc1, mlp.fc2) as the ungated Mlp. A checkpoint with separate gate/up/down
+    projections maps as fc1 = cat([gate, up]), fc2 = down: the same concatenation as for attn.qkv.
+    """
+
+    def __init__(self, dim, hidden, act="gelu", out_dim=None, bias=True, gated=False):
         super().__init__()
-        if act not in ("gelu", "gelu_tanh", "quick_gelu"):
-            raise ValueError(f"Mlp act must be 'gelu', 'gelu_tanh' or 'quick_gelu', got {act!r}")
-        self.act = act
-        self.approximate = "tanh" if act == "gelu_tanh" else "none"
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        if act not in ("gelu", "gelu_tanh", "quick_gelu", "silu"):
+            raise ValueError(f"Mlp act must be 'gelu', 'gelu_tanh', 'quick_gelu' or 'silu', got {act!r}")
+        self.act, self.gated = act, gated
+        self.fc1 = nn.Linear(dim, 2 * hidden if gated else hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 
+    def activation(self, h):
+        if self.act == "quick_gelu":
+            return h * torch.sigmoid(1.702 * h)
+        if self.act == "silu":
+            return F.silu(h)
+        return F.gelu(h, approximate="tanh" if self.act == "gelu_tanh" else "none")
+
     def forward(self, x):
-        h = self.fc1(x)
-        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h, approximate=self.approximate)
-        return self.fc2(h)
+        h = self.fc1(x)                                  # (..., hidden), gated: (..., 2*hidden)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)                # (..., hidden) each
+            return self.fc2(self.activation(gate) * up)
+        return self.fc2(self.activation(h))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) in the rotate-half convention of HF Llama/Mistral: channel i of
+    a head (i < d/2) is paired with channel i + d/2, and at position p the pair is rotated by the angle
+    p * theta^(-2i/d). x (..., N, d) -> same shape, rotated for positions offset .. offset+N-1.
+
+    No parameters (so no state-dict keys). The cos/sin tables are built on first use on the input's
+    device and in its dtype (angles computed in fp32 and cast, the rounding HF uses), for a power of
+    two of positions, and rebuilt when longer positions or another device or dtype come.
+    """
+
+    def __init__(self, head_dim, theta=10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim, self.theta = head_dim, float(theta)
+        self.cos = self.sin = None                       # (L, d) tables, built lazily
+
+    def tables(self, n, device, dtype):
+        """cos, sin (L, d) for positions 0 .. L-1, L >= n."""
+        if self.cos is None or self.cos.shape[0] < n or self.cos.device != device or self.cos.dtype != dtype:
+            L, d = 1 << max(n - 1, 0).bit_length(), self.head_dim      # next power of two: few rebuilds
+            inv_freq = 1.0 / self.theta ** (torch.arange(0, d, 2, device=device).float() / d)   # (d/2,)
+            angle = torch.arange(L, device=device).float()[:, None] * inv_freq                  # (L, d/2)
+            angle = torch.cat([angle, angle], dim=-1)    # (L, d): channels i and i + d/2 share an angle
+            self.cos, self.sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        return self.cos, self.sin
+
+    def forward(self, x, offset=0):
+        N = x.shape[-2]
+        cos, sin = self.tables(offset + N, x.device, x.dtype)
+        cos, sin = cos[offset:offset + N], sin[offset:offset + N]    # (N, d)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin         # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
 
 
 class Attention(nn.Module):
@@ -93,18 +151,21 @@ class Attention(nn.Module):
     head-major (the official ViT layout). Cross-attention (`kv_dim` given) projects q from x with `q`
     and k, v from the context with `kv` (rows [k; v]). qk_norm applies RMSNorm over the full width of
     q and of k (all heads together, as InternVideo2 and InternViT do). num_kv_heads < num_heads is
-    grouped-query attention.
+    grouped-query attention. rope_theta (self-attention only) rotates q and k by their positions after
+    the projections and the qk-norm.
     """
 
     def __init__(self, dim, num_heads, *, qkv_bias=False, qk_norm=False, kv_dim=None, num_kv_heads=None,
-                 causal=False, out_dim=None, proj_bias=True, norm_eps=1e-6):
+                 causal=False, out_dim=None, proj_bias=True, norm_eps=1e-6, rope_theta=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        if rope_theta is not None and kv_dim is not None:
+            raise ValueError("rope_theta is for self-attention: cross-attention queries and keys share no positions")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = dim // num_heads
-        self.causal = causal
+        self.causal, self.kv_dim = causal, kv_dim
         kv_width = self.num_kv_heads * self.head_dim
         if kv_dim is None:
             self.qkv = nn.Linear(dim, dim + 2 * kv_width, bias=qkv_bias)
@@ -113,9 +174,19 @@ class Attention(nn.Module):
             self.kv = nn.Linear(kv_dim, 2 * kv_width, bias=qkv_bias)
         self.q_norm = RMSNorm(dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(kv_width, norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta is not None else None
         self.proj = nn.Linear(dim, out_dim or dim, bias=proj_bias)
 
-    def forward(self, x, context=None, key_padding_mask=None):
+    def forward(self, x, context=None, key_padding_mask=None, *, bias=None, offset=0):
+        """x (B, N, dim) -> (B, N, out_dim).
+
+        context (B, Nk, kv_dim): what a cross-attention attends to. key_padding_mask (B, Nk) bool, True =
+        attend. bias: added to the scaled scores; a tensor broadcastable to (B, H, N, Nk), or a function of
+        the projected queries q (B, H, N, d) (before RoPE) returning one, for a bias gated by the queries.
+        offset: position of x's first token, for RoPE (a KV cache passes the number of cached tokens).
+        """
+        if (context is None) != (self.kv_dim is None):
+            raise ValueError("a cross-attention (kv_dim) needs context; a self-attention takes none")
         B, N, C = x.shape
         kv_width = self.num_kv_heads * self.head_dim
         if context is None:
@@ -129,31 +200,74 @@ class Attention(nn.Module):
         q = q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)      # (B, H, N, d)
         k = k.view(B, Nk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Nk, d)
         v = v.view(B, Nk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        o = kernels.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        if callable(bias):
+            bias = bias(q)
+        if self.rope is not None:
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        o = kernels.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))                # (B, N, out_dim)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with optional LayerScale and stochastic depth.
+    """Transformer block: self-attention, an optional cross-attention, MLP, each a residual sub-layer
 
-    norm="rms" (InternVideo2, InternViT) or "layer" (VideoMAE). init_values=0 builds no LayerScale.
+        norm_first=True  (pre-norm):   x = x + drop_path(ls(f(norm(x))))
+        norm_first=False (post-norm):  x = norm(residual_scale * x + drop_path(ls(f(x))))
+
+    residual_scale is deep-norm's alpha (1: plain post-norm; pre-norm ignores it). norm: "rms" or "layer",
+    eps norm_eps (also the qk-norm's). init_values=0 builds no LayerScale (ls1: self-attention, ls2: MLP).
+    cross_dim: the context width of a cross-attention sub-layer (`cross_attn`, `cross_norm`) between
+    self-attention and MLP. num_kv_heads, causal, rope_theta configure the self-attention; act, gated the
+    Mlp; bias=False drops the biases of the attention output projections and the MLP (qkv_bias is separate).
+
+    A tower that routes tokens differently (only some tokens cross-attend, two token groups with their
+    own MLPs) subclasses Block and composes `sublayer` calls in its forward: a subclass is still a Block,
+    so dist.parallelize shards and checkpoints it as one unit.
     """
 
     def __init__(self, dim, num_heads, mlp_hidden, *, qkv_bias=False, qk_norm=False, init_values=0.0,
-                 layerscale_fp32=True, drop_path=0.0, act="gelu", norm="rms", norm_eps=1e-6):
+                 layerscale_fp32=True, drop_path=0.0, act="gelu", norm="rms", norm_eps=1e-6, norm_first=True,
+                 residual_scale=1.0, cross_dim=None, num_kv_heads=None, causal=False, rope_theta=None,
+                 gated=False, bias=True):
         super().__init__()
+        if norm not in ("rms", "layer"):
+            raise ValueError(f"Block norm must be 'rms' or 'layer', got {norm!r}")
         Norm = {"rms": RMSNorm, "layer": nn.LayerNorm}[norm]
+        self.norm_first, self.residual_scale = norm_first, residual_scale
         self.norm1 = Norm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, num_kv_heads=num_kv_heads,
+                              causal=causal, proj_bias=bias, norm_eps=norm_eps, rope_theta=rope_theta)
         self.ls1 = LayerScale(dim, init_values, layerscale_fp32) if init_values else nn.Identity()
+        self.cross_attn = self.cross_norm = None
+        if cross_dim is not None:
+            self.cross_norm = Norm(dim, eps=norm_eps)
+            self.cross_attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, kv_dim=cross_dim,
+                                        num_kv_heads=num_kv_heads, proj_bias=bias, norm_eps=norm_eps)
         self.norm2 = Norm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_hidden, act)
+        self.mlp = Mlp(dim, mlp_hidden, act, bias=bias, gated=gated)
         self.ls2 = LayerScale(dim, init_values, layerscale_fp32) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+    def sublayer(self, x, norm, f):
+        """One residual sub-layer around f (f includes its LayerScale), pre- or post-norm."""
+        if self.norm_first:
+            return x + self.drop_path(f(norm(x)))
+        return norm(self.residual_scale * x + self.drop_path(f(x)))
+
+    def forward(self, x, context=None, context_mask=None, **attn_kw):
+        """x (B, N, dim) -> (B, N, dim).
+
+        context (B, Nc, cross_dim) and context_mask (B, Nc) bool (True = attend) feed the cross-attention.
+        attn_kw go to the self-attention as given (key_padding_mask (B, N), bias, offset: see
+        Attention.forward); passing only what was given keeps `attn` replaceable by an attention module
+        whose forward takes fewer arguments.
+        """
+        if (context is None) != (self.cross_attn is None):
+            raise ValueError("pass context if and only if the Block has a cross-attention (was built with cross_dim)")
+        x = self.sublayer(x, self.norm1, lambda h: self.ls1(self.attn(h, **attn_kw)))
+        if self.cross_attn is not None:
+            x = self.sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, context, context_mask))
+        return self.sublayer(x, self.norm2, lambda h: self.ls2(self.mlp(h)))
 
 
 class PoolProjections(nn.Module):
