@@ -1,12 +1,12 @@
-"""The frozen stage-1 teachers (paper §3.1 stage 1; shared facts §2.1), their checkpoint loaders, and
-`build_teachers` for train.py.
+"""The frozen stage-1 teachers (paper §3.1 stage 1; shared facts §2.1): models only. Their checkpoint
+loaders and `build_teachers` live in ivmini/checkpoint.py (models know tensors, checkpoint.py knows files).
 
     MultimodalTeacher  InternViT-6B of InternVL-C, run frame by frame (official single_modality
                        models/internvl_clip_vision.py `InternVL_CLIP`, key for key: it *is* a VideoViT
                        with num_frames=1 and no heads)
     ClipVisualTeacher  an OpenAI-CLIP visual tower (ViT-B/16, L/14) as a cheaper multimodal teacher
-    MotionTeacher      VideoMAEv2-g (official models/videomae.py `VisionTransformer`, but with VideoMAEv2's
-                       per-head attention, see below)
+    MotionTeacher      VideoMAEv2-g (official models/videomae.py `VisionTransformer`: its position table,
+                       and VideoMAEv2's per-head attention by default, see below)
 
 Output contracts (K = return_layers, T = frames, N = patches per frame):
     multimodal(video (B, 3, T, H, W)) -> TeacherOutput
@@ -15,16 +15,8 @@ Output contracts (K = return_layers, T = frames, N = patches per frame):
         pooled (B, D)            pooled output per frame, averaged over T, L2-normalised
         attn   (B, T, N)         pool attention (head mean) of the frame's query over its N patch keys;
                                  the CLS key is left out and rows are not renormalised (official attn[:, 0, 1:])
-    motion(video (B, 3, 16, H, W)) -> (K, B, 8*N, C): the last K blocks, the final LayerNorm on the last one
+    motion(video (B, 3, T, H, W)) -> (K, B, T/2*N, C): the last K blocks, the final LayerNorm on the last one
                                  only, every vector L2-normalised (tubelet 2: 16 frames -> 8 token frames)
-
-Loaders (explicit key maps; strict: any other missing, unexpected or mis-shaped key is an error naming it):
-    load_internvl_c(teacher, src)          InternVL-C {'module': ...}: drops the text tower (transformer.*,
-                                           text_projection, logit_scale); 2-D patch conv -> Conv3d; pos resize
-    load_videomae_v2(teacher, src)         VideoMAEv2 {'model': ...}: keeps encoder.*, drops decoder.*,
-                                           encoder_to_decoder.*, mask_token; q_bias/v_bias -> qkv.bias
-    load_openai_clip_visual(teacher, src)  OpenAI CLIP: keeps visual.*, drops the text tower; resblocks -> blocks
-    build_teachers(...)                    both teachers, real (paths) or small random ones (smoke runs)
 
 Teachers are frozen: parameters never require grad, forward runs under no_grad, and `.train()` keeps
 them in eval mode. Random-init teachers exist only for smoke runs (build_teachers says so in the log).
@@ -38,23 +30,19 @@ here). VideoMAEv2: exact GELU (nn.GELU, no fused MLP in that file). OpenAI CLIP:
 VideoMAEv2 attention. InternVideo2's videomae.py hands (B, heads, N, d) tensors to flash_attn_func,
 which expects (B, N, heads, d): it attends across the 16 heads of each token and scrambles the result
 (facts §2.1). The released weights were trained by VideoMAEv2 with ordinary per-head attention over
-tokens, which is what MotionTeacher computes. The quirk is not offered: reproducing it needs a second
-attention code path, and its targets are not VideoMAEv2 features.
+tokens, so that is MotionTeacher's default (attention="per_head"). attention="across_heads" computes
+what the official file computes (AcrossHeadsAttention), to reproduce InternVideo2's stage-1 targets.
 """
-import fnmatch
-import logging
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_keys, read_state_dict, select_prefix
-from .config import VisionConfig
-from .layers import Block
-from .vit import PatchEmbed, VideoViT, interpolate_pos_embed
+import kernels
 
-log = logging.getLogger("ivmini.teachers")
+from .config import VisionConfig
+from .layers import Attention, Block
+from .vit import PatchEmbed, VideoViT, interpolate_pos_embed
 
 # InternViT-6B (official `internvl_clip_6b`): patch 14, qk-norm, RMSNorm, LayerScale (fp32 multiply),
 # no qkv bias, attention pool 16 heads -> 768. Frame-wise: one frame per VideoViT call.
@@ -78,13 +66,6 @@ CLIP_PRESETS = {
     "L/14": dict(width=1024, layers=24, heads=16, patch_size=14, output_dim=768),
     "tiny": dict(width=64, layers=3, heads=4, patch_size=14, output_dim=48),
 }
-
-# keys of the checkpoints that are not the teacher, dropped by name (fnmatch patterns); any other key
-# that the teacher does not have is an error
-INTERNVL_C_TEXT_KEYS = ("transformer.*", "text_projection", "logit_scale")       # QLLaMA text tower of InternVL-C
-VIDEOMAE_V2_OTHER_KEYS = ("decoder.*", "encoder_to_decoder.*", "mask_token")     # MAE decoder side
-OPENAI_CLIP_TEXT_KEYS = ("token_embedding.*", "positional_embedding", "transformer.*", "ln_final.*",
-                         "text_projection", "logit_scale", "input_resolution", "context_length", "vocab_size")
 
 
 def _preset(table, size):
@@ -221,6 +202,9 @@ class ClipVisualTeacher(FrozenTeacher):
 # ---------------------------------------------------------------------------------------------
 # motion teacher
 
+VIDEOMAE_BASE_FRAMES = 8        # token frames of the official position table (16 frames, tubelet 2)
+
+
 def sinusoid_table(n_position, dim):
     """VideoMAE's fixed 1-D table over the flattened token index -> (n_position, dim) float32:
     angle(p, j) = p / 10000^(2*floor(j/2)/dim); even channels sin, odd channels cos (interleaved)."""
@@ -230,26 +214,76 @@ def sinusoid_table(n_position, dim):
     return torch.where(j.long() % 2 == 0, angle.sin(), angle.cos()).float()
 
 
+def videomae_base_grid(patch_size):
+    """Patches per side P of the official table (`pre_n_position` = 8*P*P): 2048 rows (P = 16) for patch 14,
+    1568 (P = 14) for any other patch, i.e. 224 px for the patch sizes 14 and 16 that exist."""
+    return 16 if patch_size == 14 else 14
+
+
+def resize_videomae_table(table, frames, grid, new_frames, new_grid):
+    """(1, frames*grid*grid, C) -> (1, new_frames*new_grid*new_grid, C), fp32, in the official order: first
+    bicubic in space (align_corners=False) at the old frame count, then linear in time (align_corners=False).
+    The two steps commute in exact arithmetic; the order fixes the fp32 rounding."""
+    table = interpolate_pos_embed(table.float(), frames, grid, frames, new_grid, cls_token=False)     # space
+    return interpolate_pos_embed(table, frames, new_grid, new_frames, new_grid, cls_token=False)      # time
+
+
+def videomae_pos_table(cfg: VisionConfig):
+    """The official position table for cfg's tokens (t_size x grid x grid): VideoMAE's sinusoid table over
+    the base grid of 8 x P x P positions, resized when the grid differs -> (1, num_patches, C) fp32.
+    At 16 frames and 224 px this is the plain 2048-row table; at 8 frames it is that table interpolated
+    to 4 token frames, not a fresh 1024-row one (they differ by up to ~1.9)."""
+    P = videomae_base_grid(cfg.patch_size)
+    base = sinusoid_table(VIDEOMAE_BASE_FRAMES * P * P, cfg.embed_dim)[None]     # (1, 8*P*P, C)
+    return resize_videomae_table(base, VIDEOMAE_BASE_FRAMES, P, cfg.t_size, cfg.grid)
+
+
+class AcrossHeadsAttention(Attention):
+    """The attention InternVideo2's videomae.py computes (MotionTeacher(attention="across_heads")).
+
+    That file reshapes q, k, v to (B, H, N, d) and hands them to flash_attn_func, which reads (B, seqlen,
+    heads, d): each token becomes a "head" whose "sequence" is its own H head vectors, so softmax runs
+    over the H heads of one token, and the (B, H, N, d) result is read back as (B, N, H*d). Kept as
+    (B, N, H, d), q, k, v are exactly flash's view of those tensors (N "heads" over a sequence of H),
+    so kernels.attention computes the same thing; the output is then put back in flash's (B, H, N, d)
+    layout and reshaped as the official code does. Same parameters (and checkpoint keys) as Attention;
+    self-attention only.
+    """
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)   # (B, N, H, d) each
+        o = kernels.attention(q, k, v)                     # (B, N, H, d): per token, softmax over its H heads
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))   # flash's (B, H, N, d) output read as (B, N, H*d)
+
+
 class MotionTeacher(FrozenTeacher):
     """VideoMAEv2 encoder. size: "g" | "tiny"; overrides: VisionConfig fields (its pool fields are unused).
 
-    Position table: VideoMAE's sinusoid table for this model's own token count (VideoMAEv2's rule). For
-    the released g at 16 frames and 224 px this is the official 2048-row table exactly; InternVideo2's
-    file would interpolate that table for other sizes, but its engine resizes teacher input to 224.
+    attention: "per_head" (default) is VideoMAEv2's attention, the one its weights were trained with;
+    "across_heads" reproduces InternVideo2's videomae.py (AcrossHeadsAttention; the module docstring says why).
+    Position table: the official one (videomae_pos_table), a fixed buffer; load_videomae_v2 fills it, or
+    replaces it with a pos_embed the checkpoint carries.
     Attention biases: the checkpoint's q_bias and v_bias fill layers.Attention's fused qkv.bias as
     [q_bias; 0; v_bias]. The k part stays zero: the teacher is frozen, and a k bias adds the same
     q.b_k to every key of a query, which softmax ignores anyway.
     """
 
-    def __init__(self, size="g", *, return_layers=4, return_interval=1, img_size=224, num_frames=16, **overrides):
+    def __init__(self, size="g", *, return_layers=4, return_interval=1, img_size=224, num_frames=16,
+                 attention="per_head", **overrides):
         super().__init__()
+        if attention not in ("per_head", "across_heads"):
+            raise ValueError(f"attention must be 'per_head' or 'across_heads', got {attention!r}")
         cfg = VisionConfig(**{**VIDEOMAE_COMMON, **_preset(VIDEOMAE_PRESETS, size), "img_size": img_size,
                               "num_frames": num_frames, **overrides})
-        self.cfg, self.embed_dim = cfg, cfg.embed_dim
+        self.cfg, self.embed_dim, self.attention = cfg, cfg.embed_dim, attention
         self.patch_embed = PatchEmbed(cfg)
         self.register_buffer("pos_embed", torch.empty(1, cfg.num_patches, cfg.embed_dim), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden, qkv_bias=True,
                                            act="gelu", norm="layer", norm_eps=1e-6) for _ in range(cfg.depth)])
+        if attention == "across_heads":     # same weights, the official file's attention
+            for blk in self.blocks:
+                blk.attn = AcrossHeadsAttention(cfg.embed_dim, cfg.num_heads, qkv_bias=True)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.return_index = _return_index(cfg.depth, return_layers, return_interval)
         self.init_weights()
@@ -259,7 +293,7 @@ class MotionTeacher(FrozenTeacher):
     @torch.no_grad()
     def init_weights(self):
         """Official `_init_weights` (Linear trunc-normal .02, biases 0; LayerNorm 1, 0) and the position table."""
-        self.pos_embed.copy_(sinusoid_table(self.cfg.num_patches, self.cfg.embed_dim)[None])
+        self.pos_embed.copy_(videomae_pos_table(self.cfg))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -267,6 +301,9 @@ class MotionTeacher(FrozenTeacher):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def extra_repr(self):
+        return f"attention={self.attention!r}"
 
     @torch.no_grad()
     def forward(self, video):
@@ -283,168 +320,3 @@ class MotionTeacher(FrozenTeacher):
                 layers.append(x)
         layers[-1] = self.norm(layers[-1])      # the last returned block is the last block: only it is normed
         return _l2(torch.stack(layers))                                       # (K, B, T/2*N, C)
-
-
-# ---------------------------------------------------------------------------------------------
-# loaders: explicit key maps, strict
-
-def _split(sd, drop, what):
-    """Remove the keys matching `drop` (fnmatch), logging what was dropped."""
-    dropped = {k for k in sd if any(fnmatch.fnmatchcase(k, p) for p in drop)}
-    if dropped:
-        groups = sorted({k.split(".")[0] for k in dropped})
-        log.info("%s: dropped %d key(s) that are not the teacher: %s", what, len(dropped), ", ".join(groups))
-    return {k: v for k, v in sd.items() if k not in dropped}
-
-
-def _load(teacher, sd, what, ignore=()):
-    """Strict load: every missing, unexpected or mis-shaped key is named, before any memory is allocated
-    for a meta-device teacher. Keys matching `ignore` (fnmatch) may be absent or extra; the teacher's own
-    values are kept for them, which a meta-device teacher does not have. Returns it frozen, in eval mode."""
-    sd, not_loaded = check_keys(teacher, sd, ignore)
-    if any(p.is_meta for p in teacher.parameters()):
-        if not_loaded:
-            raise ValueError(f"{what}: ignored keys {not_loaded[:10]} would stay uninitialised on a teacher "
-                             "built on the meta device; build it on a real device")
-        teacher.to_empty(device="cpu")
-    if not_loaded:
-        log.warning("%s: kept the teacher's own values for %d ignored key(s): %s", what, len(not_loaded),
-                    ", ".join(not_loaded[:10]))
-    teacher.load_state_dict(sd, strict=not not_loaded)   # with ignored keys: exactly those are skipped
-    log.info("%s: loaded %d tensors into %s", what, len(sd), type(teacher).__name__)
-    return teacher.requires_grad_(False).eval()
-
-
-def _resize_grid(pos, grid, cls_token=True):
-    """(1, [1+]g0*g0, C) table -> this grid, bicubic (the official InternViT loader's resize)."""
-    g0 = round((pos.shape[1] - int(cls_token)) ** 0.5)
-    if g0 == grid:
-        return pos
-    log.info("resizing position table from %dx%d to %dx%d", g0, g0, grid, grid)
-    return interpolate_pos_embed(pos, 1, g0, 1, grid, cls_token=cls_token)
-
-
-def inflate_patch_weight(w2d, t):
-    """2-D patch conv (C, 3, p, p) -> Conv3d (C, 3, t, p, p), centre inflation (zeros but the middle
-    frame, official `inflate_weight(center=True)`); for t = 1 this is an unsqueeze."""
-    w3d = w2d.new_zeros(w2d.shape[0], w2d.shape[1], t, *w2d.shape[2:])
-    w3d[:, :, t // 2] = w2d
-    return w3d
-
-
-def load_internvl_c(teacher: MultimodalTeacher, path_or_state_dict, *, ignore=(), weights_only=True):
-    """InternVL-C (`internvl_c_13b_224px.pth`, {'module': {...}}): the vision keys sit at the top level
-    next to the text tower, which is dropped by INTERNVL_C_TEXT_KEYS (`transformer.*` = QLLaMA,
-    `text_projection`, `logit_scale`); any other unknown key is an error. The 2-D patch conv is
-    inflated to the Conv3d and pos_embed is resized bicubically if the resolution differs."""
-    sd = _split(read_state_dict(path_or_state_dict, weights_only=weights_only), INTERNVL_C_TEXT_KEYS, "InternVL-C")
-    w = sd.get("patch_embed.proj.weight")
-    if w is not None and w.dim() == 4:
-        sd["patch_embed.proj.weight"] = inflate_patch_weight(w, teacher.cfg.tubelet_size)
-    if "pos_embed" in sd:
-        sd["pos_embed"] = _resize_grid(sd["pos_embed"], teacher.cfg.grid)
-    return _load(teacher, sd, "InternVL-C", ignore)
-
-
-def load_videomae_v2(teacher: MotionTeacher, path_or_state_dict, *, prefix="encoder.", ignore=(), weights_only=True):
-    """VideoMAEv2 pre-training checkpoint ({'model': {...}}): the encoder under `encoder.`; the decoder
-    side (VIDEOMAE_V2_OTHER_KEYS: decoder.*, encoder_to_decoder.*, mask_token) is dropped; any other key
-    outside `prefix` is an error. blocks.N.attn.{q_bias, v_bias} -> blocks.N.attn.qkv.bias = [q; 0; v]."""
-    sd = read_state_dict(path_or_state_dict, weights_only=weights_only)
-    if prefix:
-        other = sorted(k for k in sd if not k.startswith(prefix))
-        stray = [k for k in other if not any(fnmatch.fnmatchcase(k, p) for p in VIDEOMAE_V2_OTHER_KEYS)]
-        if stray:
-            raise KeyError(f"VideoMAEv2 checkpoint: unknown key(s) outside {prefix!r}: {', '.join(stray[:20])}")
-        sd = select_prefix(sd, prefix)
-    out = {}
-    for k, v in sd.items():
-        m = re.fullmatch(r"(blocks\.\d+\.attn\.)([qv])_bias", k)
-        if m is None:
-            out[k] = v
-            continue
-        if m.group(2) == "v":
-            continue                                   # handled with its q_bias
-        v_key = m.group(1) + "v_bias"
-        if v_key not in sd:
-            raise KeyError(f"VideoMAEv2 checkpoint has {prefix}{k} but no {prefix}{v_key}")
-        out[m.group(1) + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[v_key]])
-    lone_v = [k for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.v_bias", k) and k[:-6] + "q_bias" not in sd]
-    if lone_v:
-        raise KeyError(f"VideoMAEv2 checkpoint has v_bias without q_bias: {', '.join(prefix + k for k in lone_v)}")
-    _load(teacher, out, "VideoMAEv2", ignore)
-    with torch.no_grad():       # the fixed table is not in the checkpoint (and is empty after a meta build)
-        teacher.pos_embed.copy_(sinusoid_table(teacher.cfg.num_patches, teacher.cfg.embed_dim)[None])
-    return teacher
-
-
-_CLIP_BLOCK_MAP = {"ln_1": "norm1", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-                   "attn.out_proj": "attn.proj", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-
-
-def load_openai_clip_visual(teacher: ClipVisualTeacher, path_or_state_dict, *, prefix="visual.", ignore=(),
-                            weights_only=True):
-    """An OpenAI CLIP state dict (`visual.*` + text tower, which is dropped by OPENAI_CLIP_TEXT_KEYS;
-    any other key is an error). Map: visual.transformer.resblocks.N.{ln_1, attn.in_proj_weight/bias,
-    attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj} -> blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
-    mlp.fc2}; conv1, class_embedding, positional_embedding, ln_pre, ln_post, proj keep their names.
-    OpenAI's .pt files are TorchScript: pass torch.jit.load(path, map_location="cpu").state_dict()."""
-    sd = read_state_dict(path_or_state_dict, weights_only=weights_only)
-    if prefix:
-        sd = _split(sd, OPENAI_CLIP_TEXT_KEYS, "OpenAI CLIP")
-        stray = sorted(k for k in sd if not k.startswith(prefix))
-        if stray:
-            raise KeyError(f"OpenAI CLIP checkpoint: unknown key(s) outside {prefix!r}: {', '.join(stray[:20])}")
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
-    out = {}
-    for k, v in sd.items():
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(ln_1|attn\.in_proj_weight|attn\.in_proj_bias|"
-                         r"attn\.out_proj|ln_2|mlp\.c_fc|mlp\.c_proj)(.*)", k)
-        out[f"blocks.{m.group(1)}.{_CLIP_BLOCK_MAP[m.group(2)]}{m.group(3)}" if m else k] = v
-    if "positional_embedding" in out:
-        out["positional_embedding"] = _resize_grid(out["positional_embedding"][None], teacher.grid)[0]
-    return _load(teacher, out, "OpenAI CLIP (key names after the map)", ignore)
-
-
-# ---------------------------------------------------------------------------------------------
-
-def build_teachers(multimodal="", motion="", *, multimodal_kind="internvl", clip_size="L/14",
-                   clip_return_layer=6, mae_return_layer=4, img_size=224, motion_frames=16,
-                   mlp_act="gelu_tanh", seed=0):
-    """(multimodal teacher, motion teacher), frozen, on the CPU. A path loads the real teacher
-    (InternViT-6B from InternVL-C, or with multimodal_kind="clip" an OpenAI CLIP `clip_size` tower;
-    VideoMAEv2-g), built on the meta device so no memory goes to weights about to be overwritten.
-    An empty path gives a small random teacher, the same for the same seed, for smoke runs only.
-    motion_frames: frames the motion teacher sees (twice the student's: tubelet 2)."""
-    if multimodal_kind not in ("internvl", "clip"):
-        raise ValueError(f"multimodal_kind must be 'internvl' or 'clip', got {multimodal_kind!r}")
-    mm_cls = MultimodalTeacher if multimodal_kind == "internvl" else ClipVisualTeacher
-    mm_kw = dict(return_layers=clip_return_layer, img_size=img_size)
-    if multimodal_kind == "internvl":
-        mm_kw["mlp_act"] = mlp_act
-    mo_kw = dict(return_layers=mae_return_layer, img_size=img_size, num_frames=motion_frames)
-
-    def seeded(s, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            return build()
-
-    if multimodal:
-        with torch.device("meta"):
-            mm = mm_cls("6B" if multimodal_kind == "internvl" else clip_size, **mm_kw)
-        mm = (load_internvl_c if multimodal_kind == "internvl" else load_openai_clip_visual)(mm, multimodal)
-    else:
-        log.warning("SMOKE RUN: no multimodal teacher checkpoint given; using a small RANDOM frozen %s "
-                    "(seed %d). Its features mean nothing; pass --teacher-multimodal for real training.",
-                    mm_cls.__name__, seed)
-        depth = {"depth" if mm_cls is MultimodalTeacher else "layers": max(3, clip_return_layer)}
-        mm = seeded(seed, lambda: mm_cls("tiny", **mm_kw, **depth))
-    if motion:
-        with torch.device("meta"):
-            mo = MotionTeacher("g", **mo_kw)
-        mo = load_videomae_v2(mo, motion)
-    else:
-        log.warning("SMOKE RUN: no motion teacher checkpoint given; using a small RANDOM frozen MotionTeacher "
-                    "(seed %d). Its features mean nothing; pass --teacher-motion for real training.", seed + 1)
-        mo = seeded(seed + 1, lambda: MotionTeacher("tiny", depth=max(3, mae_return_layer), **mo_kw))
-    return mm, mo

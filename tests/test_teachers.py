@@ -13,17 +13,22 @@ was made, see test_checkpoint.py), on the weights and inputs generated below:
                            (stored to show that MotionTeacher does not reproduce it)
   (videomae outputs are stored as every 64th token plus the mean over all tokens, to stay small)
   videomae/table_64_24     official get_sinusoid_encoding_table(64, 24)
+The resized position tables are checked against the official resize rule written out below
+(official_videomae_table) and against a few numbers printed by the official get_sinusoid_encoding_table
+itself, run outside this repository.
 """
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ivmini.teachers import (ClipVisualTeacher, MotionTeacher, MultimodalTeacher, build_teachers,
-                             load_internvl_c, load_openai_clip_visual, load_videomae_v2, sinusoid_table)
+from ivmini.checkpoint import (build_teachers, load_internvl_c, load_openai_clip_visual, load_videomae_v2,
+                               sinusoid_table)
+from ivmini.teachers import AcrossHeadsAttention, ClipVisualTeacher, MotionTeacher, MultimodalTeacher
 from ivmini.vit import VideoViT
 
 GOLDEN = torch.load(os.path.join(os.path.dirname(__file__), "golden", "teachers_tiny.pt"), weights_only=True)
@@ -122,9 +127,9 @@ def motion_teacher(**kw):
     return MotionTeacher("tiny", **dict(dict(embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0, return_layers=2), **kw))
 
 
-def loaded_motion(seed=2, img_size=224, num_frames=16):
+def loaded_motion(seed=2, img_size=224, num_frames=16, **kw):
     sd = rand_sd(videomae_shapes(), seed)
-    t = motion_teacher(img_size=img_size, num_frames=num_frames)
+    t = motion_teacher(img_size=img_size, num_frames=num_frames, **kw)
     return load_videomae_v2(t, {"model": dict(sd, **rand_sd(VIDEOMAE_DECODER, 98))}), sd
 
 
@@ -155,6 +160,30 @@ def test_motion_teacher_equals_videomae_v2_attention_not_the_layout_quirk():
     assert (z[:, :, ::64] - quirk).abs().max() > 1e-2
 
 
+def test_motion_across_heads_reproduces_the_official_file_as_written():
+    teacher, _ = loaded_motion(2, attention="across_heads")
+    assert all(type(b.attn) is AcrossHeadsAttention for b in teacher.blocks)
+    video = torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(12))
+    z = teacher(video)
+    close(z[:, :, ::64], GOLDEN["videomae/as_written"]["tokens"])
+    close(z.mean(dim=2), GOLDEN["videomae/as_written"]["mean"])
+    # one block's attention against the official computation written out in float64
+    a, (B, N, H, d) = teacher.blocks[1].attn, (2, 11, 4, 8)
+    x = torch.randn(B, N, H * d, dtype=torch.float64)
+    qkv = F.linear(x, a.qkv.weight.double(), a.qkv.bias.double())
+    q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)             # official: each (B, H, N, d)
+    # flash_attn_func reads (B, H, N, d) as (batch, seqlen = H, heads = N, d): per token n, softmax over heads
+    p = (torch.einsum("bhnd,bgnd->bnhg", q, k) * d ** -0.5).softmax(-1)      # (B, N, H, H)
+    o = torch.einsum("bnhg,bgnd->bhnd", p, v)                               # flash's output (B, seqlen, heads, d)
+    want = F.linear(o.reshape(B, N, H * d), a.proj.weight.double(), a.proj.bias.double())   # official reshape
+    close(a(x.float()), want.float(), tol=1e-5)
+    per_head = loaded_motion(2)[0].blocks[1].attn                             # the same weights, per-head attention
+    assert torch.equal(per_head.qkv.weight, a.qkv.weight)
+    assert (per_head(x.float()) - a(x.float())).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="attention must be 'per_head' or 'across_heads'"):
+        motion_teacher(attention="official")
+
+
 def test_sinusoid_table_against_independent_formula_and_official():
     n, d = 50, 12
     want = torch.empty(n, d, dtype=torch.float64)
@@ -164,7 +193,55 @@ def test_sinusoid_table_against_independent_formula_and_official():
             want[p, 2 * i], want[p, 2 * i + 1] = torch.tensor(angle).sin(), torch.tensor(angle).cos()
     torch.testing.assert_close(sinusoid_table(n, d), want.float(), rtol=0, atol=1e-6)
     torch.testing.assert_close(sinusoid_table(64, 24), GOLDEN["videomae/table_64_24"], rtol=0, atol=1e-6)
-    assert torch.equal(motion_teacher(img_size=28, num_frames=4).pos_embed[0], sinusoid_table(8, 32))
+
+
+def official_resize(table, t0, g0, t, g):
+    """The official resize of a (t0*g0*g0, C) table, step for step as get_sinusoid_encoding_table does it:
+    bicubic per frame to g x g (align_corners=False), then linear over the frames, fp32."""
+    C = table.shape[-1]
+    x = table.float().reshape(t0, g0, g0, C).permute(0, 3, 1, 2)                 # (t0, C, g0, g0)
+    if g != g0:
+        x = F.interpolate(x, size=(g, g), mode="bicubic", align_corners=False)
+    x = x.permute(2, 3, 1, 0).reshape(g * g, C, t0)                               # (g*g, C, t0)
+    if t != t0:
+        x = F.interpolate(x, size=t, mode="linear", align_corners=False)
+    return x.reshape(g, g, C, t).permute(3, 0, 1, 2).reshape(t * g * g, C)       # t-major, then row-major
+
+
+def official_videomae_table(patch, img, frames, dim):
+    """The official table: numpy's sinusoid over 8 x P x P rows (P = 16 for patch 14, else 14), cast to
+    fp32, then official_resize to frames/2 x (img/patch)^2."""
+    P = 16 if patch == 14 else 14
+    pos, j = np.arange(8 * P * P)[:, None], np.arange(dim)[None]
+    angle = pos / np.power(10000, 2 * (j // 2) / dim)
+    base = torch.tensor(np.where(j % 2 == 0, np.sin(angle), np.cos(angle)), dtype=torch.float32)
+    return official_resize(base, 8, P, frames // 2, img // patch)
+
+
+@pytest.mark.parametrize("frames,img", [(16, 224), (8, 224), (16, 112), (8, 112), (4, 28)])
+def test_motion_pos_table_is_the_official_resized_table(frames, img):
+    table = motion_teacher(img_size=img, num_frames=frames).pos_embed[0]
+    torch.testing.assert_close(table, official_videomae_table(14, img, frames, 32), rtol=0, atol=1e-6)
+    # to the bit from the same base: the official order (space, then time) fixes the fp32 rounding
+    assert torch.equal(table, official_resize(sinusoid_table(2048, 32), 8, 16, frames // 2, img // 14))
+    if frames == 16 and img == 224:      # the official grid itself: the plain 2048-row table
+        assert torch.equal(table, sinusoid_table(2048, 32))
+    else:                                # a resized table, not a fresh sinusoid table of the new length
+        assert (table - sinusoid_table(table.shape[0], 32)).abs().max() > 0.1
+
+
+def test_motion_pos_table_matches_numbers_of_the_official_function():
+    # printed by the official get_sinusoid_encoding_table(n, 24, frames // 2, pre_n_position) outside this
+    # repository, entries (row, channel) of the (1, n, 24) result. Patch 16 only at another resolution:
+    # the official spatial branch hard-codes P = 14, so for patch 14 (P = 16) it fails at other sizes.
+    want = {(16, 112): ([(0, 1), (29, 4), (58, 7), (87, 10), (116, 13), (145, 16), (174, 19)],
+                        [-0.12703599, 0.01158508, 0.83786416, -0.49818027, -0.55431634, 0.72737622, 0.19108394]),
+            (14, 224): ([(0, 1), (147, 4), (294, 7), (441, 10), (588, 13), (735, 16), (882, 19)],
+                        [0.48010463, -0.32873327, 0.246106, 0.81576741, 0.27503884, 0.17155038, -0.20404121])}
+    for (patch, img), (idx, values) in want.items():
+        table = motion_teacher(embed_dim=24, patch_size=patch, img_size=img, num_frames=8).pos_embed[0]
+        got = torch.stack([table[r, c] for r, c in idx])
+        torch.testing.assert_close(got, torch.tensor(values), rtol=0, atol=2e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +322,7 @@ def test_motion_contract_tubelet_final_norm_and_per_head_attention():
 def test_internvl_c_file_loads_strictly_with_inflation_and_text_dropped(tmp_path, caplog):
     sd = rand_sd(internvl_c_shapes(), 6)
     torch.save({"module": dict(sd, **rand_sd(INTERNVL_TEXT, 7))}, tmp_path / "internvl_c.pth")
-    with caplog.at_level(logging.INFO, logger="ivmini.teachers"):
+    with caplog.at_level(logging.INFO, logger="ivmini.checkpoint"):
         t = load_internvl_c(internvl_teacher(), tmp_path / "internvl_c.pth")
     assert "dropped 6 key(s)" in caplog.text and "transformer" in caplog.text
     w = t.patch_embed.proj.weight
@@ -310,6 +387,28 @@ def test_videomae_v2_key_map_and_errors():
         load_videomae_v2(fresh(), {"model": bad})
 
 
+def test_videomae_v2_pos_embed_in_the_checkpoint_is_loaded_and_resized(caplog):
+    sd = rand_sd(videomae_shapes(), 15)
+    load = lambda table, frames, **kw: load_videomae_v2(  # noqa: E731  (a 28 px teacher: 2x2 patches)
+        motion_teacher(img_size=28, num_frames=frames), {"model": dict(sd, **{"encoder.pos_embed": table})}, **kw)
+    g = torch.Generator().manual_seed(16)
+    own = torch.randn(1, 8, 32, generator=g)                   # the teacher's own size, 2 token frames x 2x2
+    assert torch.equal(load(own, 4).pos_embed, own)
+    base = torch.randn(1, 72, 32, generator=g)                 # the official base layout, 8 token frames x 3x3
+    with caplog.at_level(logging.INFO, logger="ivmini.checkpoint"):
+        t = load(base, 8)
+    assert "from 8 x 3x3 to 4 x 2x2" in caplog.text
+    assert torch.equal(t.pos_embed[0], official_resize(base[0], 8, 3, 4, 2))
+    other = torch.randn(1, 36, 32, generator=g)                # the teacher's frame count (4), another grid (3x3)
+    assert torch.equal(load(other, 8).pos_embed[0], official_resize(other[0], 4, 3, 4, 2))
+    t = load(other, 8, ignore=["pos_embed"])
+    torch.testing.assert_close(t.pos_embed[0], official_videomae_table(14, 28, 8, 32), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"cannot tell the frames x grid of the VideoMAEv2 pos_embed \(1, 32, 32\)"):
+        load(torch.zeros(1, 32, 32), 4)                        # 8 x 2x2 or 2 x 4x4
+    with pytest.raises(ValueError, match=r"pos_embed \(1, 8, 24\) is not \(1, positions, 32\)"):
+        load(torch.zeros(1, 8, 24), 4)
+
+
 def clip_reference(sd, video, heads=4, layers=2, patch=14):
     """OpenAI CLIP's visual forward on each frame, written from its definition with torch's
     nn.MultiheadAttention -> (per-layer outputs, pooled, last block's attention weights)."""
@@ -362,7 +461,7 @@ def test_openai_clip_visual_teacher_equals_reference_and_key_map():
 # building
 
 def test_build_teachers_smoke_is_seeded_frozen_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="ivmini.teachers"):
+    with caplog.at_level(logging.WARNING, logger="ivmini.checkpoint"):
         mm, mo = build_teachers(img_size=28, clip_return_layer=2, mae_return_layer=2, motion_frames=4, seed=3)
     assert caplog.text.count("SMOKE RUN") == 2
     mm2, mo2 = build_teachers(img_size=28, clip_return_layer=2, mae_return_layer=2, motion_frames=4, seed=3)
@@ -379,6 +478,8 @@ def test_build_teachers_smoke_is_seeded_frozen_and_says_so(caplog):
     assert mo(video).shape == (2, 1, 2 * 4, 64)
     clip, _ = build_teachers(multimodal_kind="clip", img_size=28, clip_return_layer=4, seed=3)
     assert isinstance(clip, ClipVisualTeacher) and len(clip.blocks) == 4
+    _, quirk = build_teachers(img_size=28, mae_return_layer=2, motion_frames=4, motion_attention="across_heads")
+    assert all(type(b.attn) is AcrossHeadsAttention for b in quirk.blocks)
 
 
 def test_meta_built_teachers_are_materialised_by_the_loaders():
@@ -389,5 +490,6 @@ def test_meta_built_teachers_are_materialised_by_the_loaders():
     t = load_internvl_c(t, {"module": sd})
     assert torch.equal(t.blocks[2].mlp.fc1.bias, sd["blocks.2.mlp.fc1.bias"])
     m = load_videomae_v2(m, {"model": rand_sd(videomae_shapes(), 14)})
-    assert not m.pos_embed.is_meta and torch.equal(m.pos_embed[0], sinusoid_table(8, 32))
+    assert not m.pos_embed.is_meta
+    torch.testing.assert_close(m.pos_embed[0], official_videomae_table(14, 28, 4, 32), rtol=0, atol=1e-6)
     assert m(torch.randn(1, 3, 4, 28, 28)).isfinite().all()
