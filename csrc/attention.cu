@@ -1,10 +1,13 @@
 // Flash attention, forward and backward, on tensor cores (mma.sync, sm_80+; runs unchanged on sm_90a).
 // The CUDA twin of kernels/triton/attention.py; the semantics are kernels/ref.py::attention:
 //
-//     o = softmax(q k^T * scale + mask) v      q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)
+//     o = softmax(q k^T * scale + bias + mask) v      q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)
 //     GQA: query head h reads kv head h / (Hq / Hkv)
+//     bias: optional, fp32 (B, Hq, Nq, Nk) with any element strides (0 for a broadcast dim); -inf allowed
 //     mask: keys j >= Nk, causal bottom-right (query i sees keys j <= i + Nk - Nq), key padding kpm[b, j] == 0
-//     a query row that sees no key: o = 0, lse = -inf, and it adds nothing to any gradient (dq row = 0)
+//     a query row that sees no key (masked, or a -inf bias on every visible key): o = 0, lse = -inf, and it
+//     adds nothing to any gradient (dq row = 0)
+//     dbias = dS = P (dP - delta), the gradient of the biased scores: (B, Hq, Nq, Nk) fp32, when asked for
 //
 // fp16/bf16 storage, fp32 accumulation. Head dims: any D % 8 == 0 up to 128, run by the smallest compiled
 // D_T >= D of {32, 64, 88, 96, 128}; columns D..D_T-1 are loaded as zeros and never stored. D_T = 88
@@ -29,11 +32,21 @@
 //             P^T = exp2(S^T scale log2e - lse log2e), dV += P^T dO, dP^T = V dO^T,
 //             dS^T = P^T (dP^T - delta), dK += dS^T Q. Keys no query sees keep their zero accumulators.
 //     dQ      one CTA per (64 queries, head, batch): Q, dO in shared memory, K/V blocks streamed like the
-//             forward; S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+//             forward; S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K; with a bias, dbias = dS
+//             is stored from the fp32 registers, and zeros for the keys past the causal limit of the block.
 //   The separate dQ pass recomputes Q K^T and dO V^T (7 mma passes instead of 5), the price of writing dQ
 //   without an fp32 atomic accumulator. In the backward the stationary operands (K, V in dK/dV; Q, dO in
 //   dQ) are read from shared memory at each use rather than held in registers: with two fp32 accumulators
 //   of 16 x 128 per warp there is no room left for them.
+//   bias      each kernel copies the bias tile of its current (query block, key block) into shared memory with
+//             4-byte cp.async, in the same double-buffered stage as the K/V (forward, dQ) or Q/dO (dK/dV)
+//             tiles, and adds bias * log2(e) to the base-2 scores S before the mask: to the forward's online
+//             softmax, and to the recomputed P of both backward passes. Shared memory, not direct global loads,
+//             because the dK/dV kernel sits at 235-244 of 255 registers: 32 bias values prefetched per lane
+//             (or their 64-bit addresses) spill it. The bias is a template flag (kBias), not a runtime branch:
+//             the kernels without a bias are compiled from the very code they had before (same registers, no
+//             spills, same shared memory), at the price of twice the instantiations (attention.cu compiles in
+//             ~40 s instead of ~20 s on 2 cores, for sm_80 + sm_90a).
 //
 // Fragments (PTX ISA, mma.m16n8k16 with 16-bit inputs; g = lane / 4, t = lane % 4; a .b32 register holds two
 // consecutive 16-bit elements, the lower column / k index in the low half):
@@ -56,11 +69,20 @@
 //            and an H100 SM reads 128 B/clk, so shared memory caps mma.sync near 2048 FLOP/clk/SM, half the
 //            tensor peak (~495 TFLOP/s). Expect FA2-class speed (FA2: 362 TFLOP/s forward at d=128, N=2k on
 //            an H100), not FA3's 625, which needs wgmma, TMA and warp specialisation.
+//   bias     4 bytes read per score and pass against 4d FLOP per score in the forward: 88 FLOP/byte at d=88,
+//            under the ridge. A full (B, H, N, N) bias is 2.15 G scores = 8.6 GB: ~2.9 ms of HBM traffic at
+//            ~3 TB/s against ~1.9 ms of forward math at 400 TFLOP/s, so the forward turns memory bound; the
+//            backward reads it twice and writes dbias (25.8 GB, ~8.6 ms against ~6.6 ms). A broadcast dim saves
+//            HBM reads only while the shared tile is still in L2 (50 MB on an H100): (1, 1, N, N) at N = 2049
+//            (16.8 MB) is, (1, H, N, N) (268 MB) is not. The bias is as large as the score matrix flash attention
+//            exists not to store: use one for short sequences (BEATs: N ~ 500), not the 2049-token video tower.
 // Limits: no wgmma/TMA path (Hopper runs the sm_80 design); one tile shape (64 x 64) for every D_T; N = 2049
 // pays a whole 64-block for its CLS token (+3%); pointers and strides must be 16-byte aligned (kernels/cuda/ops.py
-// makes them so), otherwise cudaErrorInvalidValue.
+// makes them so), otherwise cudaErrorInvalidValue; the bias moves 4 bytes per cp.async (any strides, no 16-byte
+// path for a contiguous one); with a bias the D_T = 128 dQ kernel needs 142 KB of shared memory: one CTA per SM.
 //
-// Test: pytest tests/test_cuda_ops.py -k attention (GPU)     Benchmark: python -m kernels.bench attention
+// Test: pytest tests/test_attention.py (GPU, backend "cuda"); on CPU, tests/test_cuda_emulated.py runs this file
+// under emulation.     Benchmark: python -m kernels.bench attention
 #include <cstring>
 #include <type_traits>
 
@@ -148,6 +170,11 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void *row)
 __device__ __forceinline__ void cp_async_16(void *dst, const void *src, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+// 4 bytes global -> shared (cp.async.ca: the only form for copies under 16 bytes); zero-filled when !ok.
+__device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most n of this thread's committed groups are still in flight.
@@ -368,10 +395,29 @@ __device__ __forceinline__ void store_tile(T *g, int64_t stride, int row0, int n
   }
 }
 
-// 0 for a key that may be attended, -inf for one past Nk or padded out.
-__device__ __forceinline__ float key_bias(const AttnParams &p, int b, int key) {
+// 0 for a key that may be attended, -inf for one past Nk or padded out (added to the scores).
+__device__ __forceinline__ float key_mask(const AttnParams &p, int b, int key) {
   const bool keep = key < p.Nk && (p.kpm == nullptr || p.kpm[b * p.kpm_stride + key] != 0);
   return keep ? 0.f : -INFINITY;
+}
+
+// The additive bias (AttnParams::bias, any strides) in shared memory: a tile of queries i0..i0+ROWS-1 and keys
+// j0..j0+63 of one head, fp32, one row per query, through 4-byte cp.async (call cp_async_commit after);
+// consecutive threads copy consecutive keys, so a row is one coalesced 256-byte read when the key stride is 1.
+// Elements past Nq or Nk become 0: those scores are masked (keys) or never stored (queries).
+// Pitches: the forward and dQ kernels read (query g, keys 2t, 2t+1) as a float2 and use kBiasPitch = 72 (8 mod 32
+// banks: the 16 lanes of a half-warp hit 16 different 8-byte bank pairs); the dK/dV kernel reads (query 2t, key g)
+// one float at a time and uses kBiasPitchT = 68 (2 * 68 = 8 mod 32: the 32 lanes hit 32 different banks).
+constexpr int kBiasPitch = kBlockN + 8, kBiasPitchT = kBlockN + 4;
+
+template <int ROWS, int PITCH>
+__device__ __forceinline__ void load_bias_tile(float *tile, const AttnParams &p, int b, int h, int i0, int j0) {
+  const float *bias = p.bias + b * p.bias_stride[0] + h * p.bias_stride[1];
+  for (int c = threadIdx.x; c < ROWS * kBlockN; c += kThreads) {
+    const int r = c / kBlockN, j = c % kBlockN;
+    const bool ok = i0 + r < p.Nq && j0 + j < p.Nk;
+    cp_async_4(tile + r * PITCH + j, ok ? bias + (i0 + r) * p.bias_stride[2] + (j0 + j) * p.bias_stride[3] : bias, ok);
+  }
 }
 
 // Max / sum over the 4 lanes (t = 0..3) that hold one row of a C fragment.
@@ -387,20 +433,22 @@ __device__ __forceinline__ float quad_sum(float v) {
 // ---------------------------------------------------------------------------------------------
 // forward
 
-template <int D_T>
-constexpr int fwd_smem_bytes() {   // two stages of (K tile, V tile, key bias)
-  return 2 * (2 * HeadDim<D_T>::kTileBytes + kBlockN * 4);
+template <int D_T, bool kBias>
+constexpr int fwd_smem_bytes() {   // two stages of (K tile, V tile, key mask) [+ two bias tiles]
+  return 2 * (2 * HeadDim<D_T>::kTileBytes + kBlockN * 4) + (kBias ? 2 * kBlockM * kBiasPitch * 4 : 0);
 }
 
-template <typename T, int D_T>
+template <typename T, int D_T, bool kBias>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParams p, int group) {
   using HD = HeadDim<D_T>;
   constexpr int P = HD::kPitch, NT = kBlockN / 8;
-  // Shared memory: stage s (0, 1) holds K tile, V tile at 2s, 2s + 1 tiles in, key biases after the 4 tiles.
+  // Shared memory: stage s (0, 1) holds K tile, V tile at 2s, 2s + 1 tiles in, key masks after the 4 tiles,
+  // then (kBias) the bias tiles of stages 0 and 1.
   extern __shared__ __align__(16) unsigned char smem[];
   auto sK = [&](int s) { return reinterpret_cast<T *>(smem + (2 * s) * HD::kTileBytes); };
   auto sV = [&](int s) { return reinterpret_cast<T *>(smem + (2 * s + 1) * HD::kTileBytes); };
-  auto sBias = [&](int s) { return reinterpret_cast<float *>(smem + 4 * HD::kTileBytes) + s * kBlockN; };
+  auto sMask = [&](int s) { return reinterpret_cast<float *>(smem + 4 * HD::kTileBytes) + s * kBlockN; };
+  auto sBias = [&](int s) { return sMask(2) + s * kBlockM * kBiasPitch; };
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;   // the longest causal blocks start first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / group;
@@ -415,7 +463,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParam
   auto load_kv = [&](int j, int s) {
     load_tile<T, D_T, kBlockN>(sK(s), K, p.k_stride[2], j * kBlockN, p.Nk, p.D);
     load_tile<T, D_T, kBlockN>(sV(s), V, p.v_stride[2], j * kBlockN, p.Nk, p.D);
-    if (threadIdx.x < kBlockN) sBias(s)[threadIdx.x] = key_bias(p, b, j * kBlockN + threadIdx.x);
+    if (threadIdx.x < kBlockN) sMask(s)[threadIdx.x] = key_mask(p, b, j * kBlockN + threadIdx.x);
+    if constexpr (kBias) load_bias_tile<kBlockM, kBiasPitch>(sBias(s), p, b, h, q0, j * kBlockN);
   };
 
   // Q (in stage 1's K slot, free until block 1 is prefetched) and key block 0 -> shared; Q -> registers.
@@ -443,16 +492,22 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParam
 
     float s[NT][4] = {};
     warp_gemm_nt<T, D_T>(s, qa, qa8, sK(s_));   // S = Q K^T, s[n] = C tile of keys k0 + 8n..
-    // Scale to base 2 and mask. Only blocks with padding, a tail or the diagonal pay for the mask.
+    // Scale to base 2, add the bias and mask. Only blocks with padding, a tail or the diagonal pay for the mask.
     const bool masked = p.kpm != nullptr || k0 + kBlockN > p.Nk || (p.causal && k0 + kBlockN - 1 > row0 + off);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      const float2 bias = masked ? *reinterpret_cast<const float2 *>(sBias(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
+      const float2 km = masked ? *reinterpret_cast<const float2 *>(sMask(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
+      float2 bias[2];   // rows g, g + 8 of the warp's 16, keys 8n + 2t, +1
+      if constexpr (kBias)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          bias[r] = *reinterpret_cast<const float2 *>(sBias(s_) + (16 * warp + g + 8 * r) * kBiasPitch + 8 * n + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {   // element e: row row + 8 (e >> 1), key k0 + 8n + 2t + (e & 1)
         float x = s[n][e] * c;
+        if constexpr (kBias) x += ((e & 1) ? bias[e >> 1].y : bias[e >> 1].x) * kLog2e;   // -inf stays -inf
         if (masked) {
-          x += (e & 1) ? bias.y : bias.x;
+          x += (e & 1) ? km.y : km.x;
           if (p.causal && k0 + 8 * n + 2 * t + (e & 1) > row + 8 * (e >> 1) + off) x = -INFINITY;
         }
         s[n][e] = x;
@@ -537,18 +592,20 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 // ---------------------------------------------------------------------------------------------
 // backward: dK, dV of 64 keys of one kv head, summed over the query heads of its group and all query blocks
 
-template <int D_T>
-constexpr int dkdv_smem_bytes() {   // K, V tiles + two stages of (Q, dO tiles of BQ rows, lse, delta)
+template <int D_T, bool kBias>
+constexpr int dkdv_smem_bytes() {   // K, V tiles + two stages of (Q, dO tiles of BQ rows, lse, delta [, bias tile])
   constexpr int BQ = kBwdBlockQ<D_T>;
-  return 2 * HeadDim<D_T>::kTileBytes + 2 * (2 * BQ * HeadDim<D_T>::kPitch * 2 + 2 * BQ * 4);
+  return 2 * HeadDim<D_T>::kTileBytes + 2 * (2 * BQ * HeadDim<D_T>::kPitch * 2 + 2 * BQ * 4) +
+         (kBias ? 2 * BQ * kBiasPitchT * 4 : 0);
 }
 
-template <typename T, int D_T>
+template <typename T, int D_T, bool kBias>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttnParams p, int group) {
   using HD = HeadDim<D_T>;
   constexpr int P = HD::kPitch, BQ = kBwdBlockQ<D_T>, NT = BQ / 8;
   constexpr int kQTileBytes = BQ * P * 2;
-  // Shared memory: K tile, V tile, then stage s (0, 1) = Q, dO tiles of BQ rows; then per stage lse, delta.
+  // Shared memory: K tile, V tile, then stage s (0, 1) = Q, dO tiles of BQ rows; then per stage lse, delta;
+  // then (kBias) per stage a bias tile of BQ queries x 64 keys.
   extern __shared__ __align__(16) unsigned char smem[];
   T *sK = reinterpret_cast<T *>(smem), *sV = reinterpret_cast<T *>(smem + HD::kTileBytes);
   unsigned char *stages = smem + 2 * HD::kTileBytes;
@@ -556,11 +613,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
   auto sdO = [&](int s) { return reinterpret_cast<T *>(stages + (2 * s + 1) * kQTileBytes); };
   auto sL = [&](int s) { return reinterpret_cast<float *>(stages + 4 * kQTileBytes) + (2 * s) * BQ; };
   auto sDelta = [&](int s) { return reinterpret_cast<float *>(stages + 4 * kQTileBytes) + (2 * s + 1) * BQ; };
+  auto sBias = [&](int s) { return sL(2) + s * BQ * kBiasPitchT; };
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const int k0 = blockIdx.x * kBlockM, hk = blockIdx.y, b = blockIdx.z;
   const int off = p.Nk - p.Nq;
   const int key = k0 + 16 * warp + g;   // this lane's keys (rows of S^T): key and key + 8
-  const float kbias[2] = {key_bias(p, b, key), key_bias(p, b, key + 8)};
+  const float kmask[2] = {key_mask(p, b, key), key_mask(p, b, key + 8)};
   const T *K = static_cast<const T *>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T *V = static_cast<const T *>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   // Causal: query i sees key k0 iff i >= k0 - off, so earlier query blocks are skipped.
@@ -582,6 +640,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
       sL(s)[threadIdx.x] = L == -INFINITY ? INFINITY : L * kLog2e;
       sDelta(s)[threadIdx.x] = in ? p.delta[i] : 0.f;
     }
+    if constexpr (kBias) load_bias_tile<BQ, kBiasPitchT>(sBias(s), p, b, h, i0, k0);
   };
 
   load_tile<T, D_T, kBlockM>(sK, K, p.k_stride[2], k0, p.Nk, p.D);
@@ -598,7 +657,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
     __syncthreads();
     const int s_ = it & 1, i0 = (qb_lo + it % qb_count) * BQ;
 
-    // P^T = exp2(S^T c - lse2): row = key, column n8 tile n holds queries i0 + 8n + 2t, +1.
+    // P^T = exp2(S^T c + bias^T - lse2): row = key, column n8 tile n holds queries i0 + 8n + 2t, +1.
     float st[NT][4] = {};
     warp_gemm_nt<T, D_T>(st, sK, 16 * warp, sQ(s_));   // S^T = K Q^T
     const bool diag = p.causal && k0 + 16 * warp + 15 > i0 + off;   // some key of this warp is hidden from some query
@@ -607,7 +666,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
       const float2 L = *reinterpret_cast<const float2 *>(sL(s_) + 8 * n + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {   // element e: key key + 8 (e >> 1), query i0 + 8n + 2t + (e & 1)
-        float x = st[n][e] * c + kbias[e >> 1] - ((e & 1) ? L.y : L.x);   // -inf - (+inf) stays -inf
+        float x = st[n][e] * c + kmask[e >> 1] - ((e & 1) ? L.y : L.x);   // -inf - (+inf) stays -inf
+        if constexpr (kBias)   // bias tile [query - i0][key - k0]
+          x += sBias(s_)[(8 * n + 2 * t + (e & 1)) * kBiasPitchT + key - k0 + 8 * (e >> 1)] * kLog2e;
         if (diag && key + 8 * (e >> 1) > i0 + 8 * n + 2 * t + (e & 1) + off) x = -INFINITY;
         st[n][e] = exp2_approx(x);
       }
@@ -644,21 +705,23 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
 // ---------------------------------------------------------------------------------------------
 // backward: dQ of 64 queries of one head, over the key blocks it can see
 
-template <int D_T>
-constexpr int dq_smem_bytes() {   // Q, dO tiles + two stages of (K tile, V tile, key bias)
-  return 2 * HeadDim<D_T>::kTileBytes + fwd_smem_bytes<D_T>();
+template <int D_T, bool kBias>
+constexpr int dq_smem_bytes() {   // Q, dO tiles + two stages of (K tile, V tile, key mask) [+ two bias tiles]
+  return 2 * HeadDim<D_T>::kTileBytes + fwd_smem_bytes<D_T, kBias>();
 }
 
-template <typename T, int D_T>
+template <typename T, int D_T, bool kBias>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttnParams p, int group) {
   using HD = HeadDim<D_T>;
   constexpr int NT = kBlockN / 8;
-  // Shared memory: Q tile, dO tile, then stage s (0, 1) = K tile, V tile; key biases after the 6 tiles.
+  // Shared memory: Q tile, dO tile, then stage s (0, 1) = K tile, V tile; key masks after the 6 tiles, then
+  // (kBias) the bias tiles of stages 0 and 1.
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem), *sdO = reinterpret_cast<T *>(smem + HD::kTileBytes);
   auto sK = [&](int s) { return reinterpret_cast<T *>(smem + (2 + 2 * s) * HD::kTileBytes); };
   auto sV = [&](int s) { return reinterpret_cast<T *>(smem + (3 + 2 * s) * HD::kTileBytes); };
-  auto sBias = [&](int s) { return reinterpret_cast<float *>(smem + 6 * HD::kTileBytes) + s * kBlockN; };
+  auto sMask = [&](int s) { return reinterpret_cast<float *>(smem + 6 * HD::kTileBytes) + s * kBlockN; };
+  auto sBias = [&](int s) { return sMask(2) + s * kBlockM * kBiasPitch; };
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int h = blockIdx.y, b = blockIdx.z, hk = h / group;
@@ -668,6 +731,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttnPa
   const T *V = static_cast<const T *>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const int n_end = p.causal ? min(p.Nk, min(q0 + kBlockM, p.Nq) + off) : p.Nk;
   const int n_blocks = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
+  // dbias of this head: (Nq, Nk) contiguous, or nullptr when no bias gradient is wanted
+  float *const dbias = kBias && p.dbias != nullptr ? p.dbias + (static_cast<int64_t>(b) * p.Hq + h) * p.Nq * p.Nk
+                                                   : nullptr;
 
   // Per-row lse (base 2; +inf for empty rows and rows past Nq: their P is 0, no NaN) and delta.
   float lse2[2], delta[2];
@@ -683,7 +749,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttnPa
   auto load_kv = [&](int j, int s) {
     load_tile<T, D_T, kBlockN>(sK(s), K, p.k_stride[2], j * kBlockN, p.Nk, p.D);
     load_tile<T, D_T, kBlockN>(sV(s), V, p.v_stride[2], j * kBlockN, p.Nk, p.D);
-    if (threadIdx.x < kBlockN) sBias(s)[threadIdx.x] = key_bias(p, b, j * kBlockN + threadIdx.x);
+    if (threadIdx.x < kBlockN) sMask(s)[threadIdx.x] = key_mask(p, b, j * kBlockN + threadIdx.x);
+    if constexpr (kBias) load_bias_tile<kBlockM, kBiasPitch>(sBias(s), p, b, h, q0, j * kBlockN);
   };
   load_tile<T, D_T, kBlockM>(sQ, static_cast<const T *>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2],
                              q0, p.Nq, p.D);
@@ -706,12 +773,18 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttnPa
     const bool masked = p.kpm != nullptr || k0 + kBlockN > p.Nk || (p.causal && k0 + kBlockN - 1 > row0 + off);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      const float2 bias = masked ? *reinterpret_cast<const float2 *>(sBias(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
+      const float2 km = masked ? *reinterpret_cast<const float2 *>(sMask(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
+      float2 bias[2];   // rows g, g + 8 of the warp's 16, keys 8n + 2t, +1
+      if constexpr (kBias)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          bias[r] = *reinterpret_cast<const float2 *>(sBias(s_) + (16 * warp + g + 8 * r) * kBiasPitch + 8 * n + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {   // element e: row row + 8 (e >> 1), key k0 + 8n + 2t + (e & 1)
         float x = s[n][e] * c - lse2[e >> 1];
+        if constexpr (kBias) x += ((e & 1) ? bias[e >> 1].y : bias[e >> 1].x) * kLog2e;
         if (masked) {
-          x += (e & 1) ? bias.y : bias.x;
+          x += (e & 1) ? km.y : km.x;
           if (p.causal && k0 + 8 * n + 2 * t + (e & 1) > row + 8 * (e >> 1) + off) x = -INFINITY;
         }
         s[n][e] = exp2_approx(x);   // P
@@ -723,12 +796,26 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttnPa
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);   // dS
+    if (kBias && dbias != nullptr) {   // dbias = dS, fp32, straight from the registers (0 where P = 0)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row + 8 * (e >> 1), key = k0 + 8 * n + 2 * t + (e & 1);
+          if (i < p.Nq && key < p.Nk) dbias[static_cast<int64_t>(i) * p.Nk + key] = dp[n][e];
+        }
+    }
     uint32_t da[NT / 2][4];
     pack_a<T, NT>(da, dp);
     warp_gemm_nn<T, D_T>(dq, da, sK(s_));   // dQ += dS K
     __syncthreads();
   }
 
+  if (kBias && dbias != nullptr) {   // keys past the causal limit of every row here: masked, so dbias = 0
+    const int j0 = n_blocks * kBlockN, rows = min(kBlockM, p.Nq - q0), width = p.Nk - j0;
+    for (int x = threadIdx.x; width > 0 && x < rows * width; x += kThreads)
+      dbias[static_cast<int64_t>(q0 + x / width) * p.Nk + j0 + x % width] = 0.f;
+  }
   cp_async_wait<0>();
   __syncthreads();
   store_acc<T, D_T>(sQ, 16 * warp, dq, p.scale, p.scale);
@@ -767,7 +854,8 @@ bool supported(const AttnParams &p, bool backward) {
        aligned16(p.v, p.v_stride, p.B, p.Hkv, p.Nk) && aligned16(p.o, p.o_stride, p.B, p.Hq, p.Nq);
   if (backward)
     ok = ok && aligned16(p.dout, p.dout_stride, p.B, p.Hq, p.Nq) && aligned16(p.dq, p.dq_stride, p.B, p.Hq, p.Nq) &&
-         aligned16(p.dk, p.dk_stride, p.B, p.Hkv, p.Nk) && aligned16(p.dv, p.dv_stride, p.B, p.Hkv, p.Nk);
+         aligned16(p.dk, p.dk_stride, p.B, p.Hkv, p.Nk) && aligned16(p.dv, p.dv_stride, p.B, p.Hkv, p.Nk) &&
+         (p.dbias == nullptr || p.bias != nullptr);   // a bias gradient needs the bias
   return ok;
 }
 
@@ -783,14 +871,24 @@ cudaError_t launch(Kernel kernel, dim3 grid, int smem, cudaStream_t stream, Args
 
 unsigned blocks(int n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
+// Calls f(std::bool_constant<kBias>) with kBias = (p.bias != nullptr): the kernels' template flag.
+template <typename F>
+cudaError_t with_bias(const AttnParams &p, F &&f) {
+  return p.bias != nullptr ? f(std::true_type{}) : f(std::false_type{});
+}
+
 }  // namespace
 
 cudaError_t attention_fwd(const AttnParams &p, cudaStream_t stream) {
   if (!supported(p, false)) return cudaErrorInvalidValue;
   const dim3 grid(blocks(p.Nq, kBlockM), p.Hq, p.B);
   IVMINI_DISPATCH_HALF(p.dtype, return with_head_dim(p.D, [&](auto d) {
-    constexpr int D_T = decltype(d)::value;
-    return launch(attention_fwd_kernel<scalar_t, D_T>, grid, fwd_smem_bytes<D_T>(), stream, p, p.Hq / p.Hkv);
+    return with_bias(p, [&](auto has_bias) {
+      constexpr int D_T = decltype(d)::value;
+      constexpr bool kBias = decltype(has_bias)::value;
+      return launch(attention_fwd_kernel<scalar_t, D_T, kBias>, grid, fwd_smem_bytes<D_T, kBias>(), stream, p,
+                    p.Hq / p.Hkv);
+    });
   }));
 }
 
@@ -801,10 +899,15 @@ cudaError_t attention_bwd(const AttnParams &p, cudaStream_t stream) {
   const dim3 delta_grid(static_cast<unsigned>((rows + kThreads / 16 - 1) / (kThreads / 16)));
   const dim3 dkdv_grid(blocks(p.Nk, kBlockM), p.Hkv, p.B), dq_grid(blocks(p.Nq, kBlockM), p.Hq, p.B);
   IVMINI_DISPATCH_HALF(p.dtype, return with_head_dim(p.D, [&](auto d) {
-    constexpr int D_T = decltype(d)::value;
-    IVMINI_CHECK(launch(attention_bwd_delta_kernel<scalar_t>, delta_grid, 0, stream, p));
-    IVMINI_CHECK(launch(attention_bwd_dkdv_kernel<scalar_t, D_T>, dkdv_grid, dkdv_smem_bytes<D_T>(), stream, p, group));
-    return launch(attention_bwd_dq_kernel<scalar_t, D_T>, dq_grid, dq_smem_bytes<D_T>(), stream, p, group);
+    return with_bias(p, [&](auto has_bias) {
+      constexpr int D_T = decltype(d)::value;
+      constexpr bool kBias = decltype(has_bias)::value;
+      IVMINI_CHECK(launch(attention_bwd_delta_kernel<scalar_t>, delta_grid, 0, stream, p));
+      IVMINI_CHECK(launch(attention_bwd_dkdv_kernel<scalar_t, D_T, kBias>, dkdv_grid, dkdv_smem_bytes<D_T, kBias>(),
+                          stream, p, group));
+      return launch(attention_bwd_dq_kernel<scalar_t, D_T, kBias>, dq_grid, dq_smem_bytes<D_T, kBias>(), stream, p,
+                    group);
+    });
   }));
 }
 

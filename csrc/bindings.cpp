@@ -1,4 +1,4 @@
-// The one Python module of the CUDA backend, `_ivmini_cuda`, built by kernels/cuda/ops.py.
+// The one Python module of the CUDA backend, `_ivmini_cuda`, built by kernels/cuda/build.py.
 //
 // Each op takes keyword arguments only, named after the fields of its Params struct in ivmini_ops.h
 // (pointers as integers from Tensor.data_ptr(), 0 or None for "absent"; strides as tuples; the
@@ -94,6 +94,8 @@ AttnParams attn_params(Args &a, bool backward) {
   p.o = a.ptr<void>("o");
   a.strides("o_stride", p.o_stride, 3);
   p.lse = a.ptr<float>("lse");
+  p.bias = a.ptr<const float>("bias");
+  a.strides("bias_stride", p.bias_stride, 4);
   if (backward) {
     p.dout = a.ptr<const void>("dout");
     a.strides("dout_stride", p.dout_stride, 3);
@@ -101,6 +103,7 @@ AttnParams attn_params(Args &a, bool backward) {
     p.dq = a.ptr<void>("dq"), p.dk = a.ptr<void>("dk"), p.dv = a.ptr<void>("dv");
     a.strides("dq_stride", p.dq_stride, 3), a.strides("dk_stride", p.dk_stride, 3);
     a.strides("dv_stride", p.dv_stride, 3);
+    p.dbias = a.ptr<float>("dbias");
   }
   return p;
 }
@@ -213,9 +216,9 @@ py::dict runtime_info() {
 PYBIND11_MODULE(_ivmini_cuda, m) {
   m.doc() = "ivmini CUDA kernels (csrc/); call through kernels.cuda, which checks every argument";
   def_op<AttnParams>(m, "attention_fwd", [](Args &a) { return attn_params(a, false); }, attention_fwd,
-                     "o, lse = attention(q, k, v); see csrc/attention.cu");
+                     "o, lse = attention(q, k, v, bias); see csrc/attention.cu");
   def_op<AttnParams>(m, "attention_bwd", [](Args &a) { return attn_params(a, true); }, attention_bwd,
-                     "delta, dq, dk, dv from dout; see csrc/attention.cu");
+                     "delta, dq, dk, dv (and dbias) from dout; see csrc/attention.cu");
   def_op<RmsNormParams>(m, "rms_norm_fwd", [](Args &a) { return rms_params(a, false); }, rms_norm_fwd,
                         "y, rstd = rms_norm(x, w); see csrc/rms_norm.cu");
   def_op<RmsNormParams>(m, "rms_norm_bwd", [](Args &a) { return rms_params(a, true); }, rms_norm_bwd,

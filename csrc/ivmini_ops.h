@@ -18,14 +18,18 @@ namespace ivmini {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---------------------------------------------------------------------------------------------
-// attention (attention.cu): o = softmax(q k^T * scale + mask) v, see kernels/ref.py::attention.
+// attention (attention.cu): o = softmax(q k^T * scale + bias + mask) v, see kernels/ref.py::attention.
 // q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), Hq % Hkv == 0 (query head h reads kv head h / (Hq / Hkv)).
 // Strides are [batch, head, token]; the head dim is contiguous. dtype fp16 or bf16; D % 8 == 0, D <= 128.
 // Every pointer 16-byte aligned and every stride of a dim longer than 1 a multiple of 8 elements (the
 // kernels move rows with 16-byte cp.async and stores); B and Hq <= 65535 (grid limits). Otherwise the
 // call returns cudaErrorInvalidValue without launching.
+// bias: optional fp32 (B, Hq, Nq, Nk) with any element strides (0 for a broadcast dim), added to the scaled
+// scores before the mask; -inf entries are allowed. Its gradient dbias = dS = P * (dP - delta) is written,
+// when asked for, to a contiguous fp32 (B, Hq, Nq, Nk) buffer, every element (0 where masked).
 // mask: keys j >= Nk, causal bottom-right (query i sees keys j <= i + Nk - Nq), kpm[b, j] == 0.
-// A query row with no visible key gets o = 0 and lse = -inf (and zero gradients).
+// A query row with no visible key (masked, or a -inf bias on every visible key) gets o = 0 and lse = -inf
+// (and zero gradients).
 struct AttnParams {
   int dtype = kFloat16;
   int B = 0, Hq = 0, Hkv = 0, Nq = 0, Nk = 0, D = 0;
@@ -37,16 +41,20 @@ struct AttnParams {
   int64_t kpm_stride = 0;             // batch stride of kpm (its token stride is 1)
   void *o = nullptr;                  // forward output (and backward input), same layout rules
   int64_t o_stride[3] = {0, 0, 0};
-  float *lse = nullptr;               // (B, Hq, Nq) contiguous: natural-log sum-exp of the scaled, masked scores
+  float *lse = nullptr;               // (B, Hq, Nq) contiguous: natural-log sum-exp of the biased, masked scores
+  const float *bias = nullptr;        // (B, Hq, Nq, Nk) fp32 additive bias; nullptr = none
+  int64_t bias_stride[4] = {0, 0, 0, 0};   // [batch, head, query, key] in elements; 0 for broadcast dims
   // backward only
   const void *dout = nullptr;
   int64_t dout_stride[3] = {0, 0, 0};
   float *delta = nullptr;             // (B, Hq, Nq) contiguous fp32 workspace: rowsum(dout * o)
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;   // outputs, every element written
   int64_t dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
+  float *dbias = nullptr;             // (B, Hq, Nq, Nk) contiguous fp32 output, or nullptr = no bias gradient wanted
 };
 cudaError_t attention_fwd(const AttnParams &p, cudaStream_t stream);   // writes o, lse
-cudaError_t attention_bwd(const AttnParams &p, cudaStream_t stream);   // reads q,k,v,o,lse,dout; writes delta,dq,dk,dv
+// reads q, k, v, o, lse, dout (and bias); writes delta, dq, dk, dv (and dbias)
+cudaError_t attention_bwd(const AttnParams &p, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // rms_norm (rms_norm.cu), see kernels/ref.py::rms_norm: y = w * cast(x * rstd), rstd = rsqrt(mean(x^2) + eps).

@@ -25,7 +25,7 @@ import torch
 
 def build_cuda():
     """Build csrc/ for this GPU (cached by source hash). Returns the record for the JSON."""
-    from kernels.cuda import ops as cuda
+    from kernels.cuda import build as cuda
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("IVMINI_CUDA_ARCH", f"{major}{minor}{'a' if major >= 9 else ''}")
     t0 = time.time()

@@ -4,8 +4,10 @@ shared memory NaN-poisoned per block, launches rewritten into emu_launch), its i
 emulations written from the PTX ISA tables (tests/cuda_emu/ptx_emu.inc: mma.sync, ldmatrix, cp.async, ex2).
 Everything else -- tiling, masking, reductions, the host-side dispatch -- is the real code.
 
-attention.cu: 17 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
-all-padded sample, GQA, strided heads-last layouts, N = 0, 1, 257, sharp softmaxes) against a float64
+attention.cu: 21 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
+all-padded sample, GQA, strided heads-last layouts, N = 0, 1, 257, sharp softmaxes; 4 with an additive bias:
+full (padded rows, or stored keys-major) and broadcast (1, 1, Nq, Nk), (B, 1, 1, Nk) strides, -inf entries and
+a whole -inf row, with causal Nq != Nk, key padding and GQA, dbias checked elementwise) against a float64
 reference, with NaN-poisoned outputs and canaries around every tensor (tests/cuda_emu/attention_check.cpp).
 rms_norm.cu, masked_gather.cu, attn_pool.cu: forward and backward entry points on fresh random inputs, the
 same way (tests/cuda_emu/memory_ops_check.cpp; the cases are listed above MEMORY_OPS below).
@@ -87,11 +89,15 @@ def checker(tmp_path_factory):
     return exe
 
 
+ATTENTION_CASES = 21   # 17 without a bias, 4 with one (tests/cuda_emu/attention_check.cpp, main)
+
+
 def test_flash_attention_cuda_source_runs_correctly_under_emulation(checker, seed):
     proc = subprocess.run([str(checker), str(seed)], capture_output=True, text=True, timeout=900)
     print(proc.stdout[-6000:], proc.stderr[-2000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
-    assert len(lines) == 17, f"expected 17 cases, got {len(lines)}:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+    assert len(lines) == ATTENTION_CASES, \
+        f"expected {ATTENTION_CASES} cases, got {len(lines)}:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, \
         f"seed {seed}: " + "\n".join(line for line in lines if not line.startswith("OK")) + proc.stderr[-2000:]
 

@@ -1,41 +1,21 @@
-"""The CUDA C++ backend (csrc/): its JIT build, its argument checks and its autograd wrappers.
+"""The CUDA C++ backend's ops: argument checks, layouts, launches, custom-op registration, selftest.
 
-Build. csrc/*.cu and csrc/bindings.cpp are compiled by nvcc and linked into one pybind11 module,
-`_ivmini_cuda`, with ninja (parallel), on first use, into a cache folder keyed by a hash of the
-sources, the nvcc version, the Python ABI (the extension suffix: the GPU image runs Python 3.12, CPU
-machines 3.11), the target architectures and the flags:
-    $IVMINI_CUDA_CACHE, default $XDG_CACHE_HOME/ivmini/cuda or ~/.cache/ivmini/cuda,  /<key>/
-A build counts only once its COMPLETE marker is written; a file lock serialises builds started at
-once (several ranks). The kernels are torch-free (raw pointers, sizes, strides, the stream), so the
-build needs nvcc only: no GPU and no CUDA build of torch. setup.py never needs nvcc.
+Each op checks its arguments here (CUDA tensors, dtypes, head dim; layouts the kernels need are made with a
+copy when a view does not have them), allocates the outputs, and passes pointers, strides and the current
+stream to the module `_ivmini_cuda` (csrc/, built on first use by kernels/cuda/build.py). The O(B C^2) part
+of attention pooling is shared with the Triton backend (kernels/attn_pool_math.py). Every op is a torch
+custom op (kernels/custom_ops.py) with its autograd formula, so the backend is a drop-in for "ref" and
+"triton" (torch.compile included). kernels/__init__.py imports this module when the backend is first asked
+for; it needs torch and nvcc, never triton.
 
-    python -m kernels.cuda build [--arch 80,90a] [--cache DIR] [-v]   build ahead of time
-    python -m kernels.cuda info                                      key, path, CUDA runtime and driver
-    python -m kernels.cuda selftest                                  one small call of every kernel, checked
-                                                                     (the program compute-sanitizer runs)
-Environment: IVMINI_NVCC (else $CUDA_HOME/bin/nvcc, else nvcc on PATH); IVMINI_CUDA_ARCH, default
-"80;90a" (sm_80 code for A100-class GPUs, sm_90a for H100/H200); IVMINI_CUDA_CACHE; MAX_JOBS (ninja -j).
+attention's bias: the public wrapper casts the caller's bias to fp32 on its own (small) shape, then views it
+as (B, Hq, Nq, Nk) with expand: broadcast dims get stride 0, the kernels read it through those strides, and
+autograd's expand-backward sums the kernel's full (B, Hq, Nq, Nk) fp32 dbias back to the caller's shape.
 
-Calls. Each op checks its arguments here (CUDA tensors, dtypes, head dim; layouts the kernels need
-are made with a copy when a view does not have them), allocates the outputs, and passes pointers,
-strides and the current stream to the module. The O(B C^2) part of attention pooling is shared with
-the Triton backend (kernels/attn_pool_math.py). Every op is a torch custom op with its autograd formula,
-so the backend is a drop-in for "ref" and "triton" (torch.compile included).
+    selftest(): one small forward + backward of every op against kernels.ref in float64
+                (python -m kernels.cuda selftest, which compute-sanitizer runs)
+Tests: tests/test_<op>.py (GPU, backend "cuda"), tests/test_cuda_build.py and tests/test_cuda_emulated.py (CPU).
 """
-import argparse
-import fcntl
-import hashlib
-import importlib.util
-import json
-import os
-import re
-import shlex
-import shutil
-import subprocess
-import sys
-import sysconfig
-import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
@@ -43,161 +23,12 @@ import torch
 
 from .. import BackendUnavailable, attn_pool_math, custom_ops, ref, register
 from ..common import device_guard, empty
+from .build import ext
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-MODULE = "_ivmini_cuda"
-DEFAULT_ARCHS = ("80", "90a")
-NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC")
 MAX_HEAD_DIM = 128
 GRID_LIMIT = 65535          # gridDim.y / gridDim.z: the kernels put heads and the batch there
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-class BuildError(BackendUnavailable):
-    """The CUDA extension could not be built (no nvcc, a compile error...)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# build
-
-def find_nvcc():
-    """The nvcc to use: $IVMINI_NVCC, else $CUDA_HOME/bin/nvcc, else the one on PATH."""
-    for cand in (os.environ.get("IVMINI_NVCC"),
-                 os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
-                 "nvcc"):
-        path = shutil.which(cand) if cand else None
-        if path:
-            return path
-    raise BuildError("the cuda backend is compiled on first use and needs nvcc (the CUDA toolkit): none found "
-                     "in IVMINI_NVCC, $CUDA_HOME/bin or PATH. Install the toolkit or use backend 'triton'/'ref'.")
-
-
-def parse_archs(archs=None):
-    """'80;90a' / '80,90a' / a list -> ('80', '90a'); default $IVMINI_CUDA_ARCH or 80 and 90a."""
-    archs = archs or os.environ.get("IVMINI_CUDA_ARCH") or DEFAULT_ARCHS
-    if isinstance(archs, str):
-        archs = re.split(r"[;,\s]+", archs.strip())
-    archs = tuple(a.replace("sm_", "").replace(".", "") for a in archs if a)
-    for a in archs:
-        if not re.fullmatch(r"\d{2,3}a?", a):
-            raise ValueError(f"bad CUDA architecture {a!r}: use compute capabilities like 80, 90a (IVMINI_CUDA_ARCH)")
-    if not archs:
-        raise ValueError("no CUDA architecture given")
-    return archs
-
-
-def _sources():
-    if not (CSRC / "bindings.cpp").exists():
-        raise BuildError(f"CUDA sources not found at {CSRC}: the cuda backend needs the repository checkout "
-                         f"(pip install -e .), which keeps csrc/ next to kernels/")
-    return sorted(CSRC.glob("*.cu")) + [CSRC / "bindings.cpp"]
-
-
-def build_key(nvcc, archs):
-    """<python abi tag>-<16 hex digits of sha256 over sources, headers, nvcc version, archs, flags>."""
-    import pybind11
-    h = hashlib.sha256()
-    for f in sorted(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    ext_suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    h.update("\0".join([version, ext_suffix, ";".join(archs), " ".join(NVCC_FLAGS), pybind11.__version__]).encode())
-    return f"{sys.implementation.cache_tag}-{h.hexdigest()[:16]}"
-
-
-def cache_dir():
-    if os.environ.get("IVMINI_CUDA_CACHE"):
-        return Path(os.environ["IVMINI_CUDA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ivmini" / "cuda"
-
-
-def _ninja():
-    try:
-        import ninja
-        path = os.path.join(ninja.BIN_DIR, "ninja")
-        if os.path.exists(path):
-            return path
-    except ImportError:
-        pass
-    path = shutil.which("ninja")
-    if not path:
-        raise BuildError("building the cuda backend needs ninja: pip install ninja")
-    return path
-
-
-def _ninja_file(nvcc, archs, out_dir):
-    """build.ninja: one object per source (compiled in parallel), linked into the module (cudart static)."""
-    import pybind11
-    esc = lambda s: str(s).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")  # noqa: E731  ninja paths
-    q = lambda args: " ".join(shlex.quote(str(a)) for a in args).replace("$", "$$")  # noqa: E731  shell words
-    includes = ["-I", CSRC, "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    so = MODULE + sysconfig.get_config_var("EXT_SUFFIX")
-    lines = ["ninja_required_version = 1.3", f"nvcc = {q([nvcc])}",
-             f"cuflags = {q([*NVCC_FLAGS, *includes, *gencode])}",
-             f"cxxflags = {q([*NVCC_FLAGS, *includes, '-DIVMINI_ARCHS=' + json.dumps(';'.join(archs))])}",
-             "rule cu", "  command = $nvcc $cuflags -c $in -o $out", "  description = nvcc $in",
-             "rule cxx", "  command = $nvcc $cxxflags -c $in -o $out", "  description = nvcc (host) $in",
-             "rule link", "  command = $nvcc -shared $in -o $out", "  description = link $out"]
-    objects = []
-    for src in _sources():
-        obj = src.stem + ".o"
-        objects.append(obj)
-        lines.append(f"build {esc(obj)}: {'cu' if src.suffix == '.cu' else 'cxx'} {esc(src)}")
-    lines += [f"build {esc(so)}: link {' '.join(map(esc, objects))}", f"default {esc(so)}", ""]
-    (out_dir / "build.ninja").write_text("\n".join(lines))
-    return out_dir / so
-
-
-def build(archs=None, cache=None, verbose=False):
-    """Build the extension if this key has no complete build yet; return the path of the module file."""
-    nvcc, archs = find_nvcc(), parse_archs(archs)
-    key = build_key(nvcc, archs)
-    root = Path(cache) if cache else cache_dir()
-    out_dir = root / key
-    so = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
-    if (out_dir / "COMPLETE").exists() and so.exists():
-        return so
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                       # another process may be building this key
-        if (out_dir / "COMPLETE").exists() and so.exists():
-            return so
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "COMPLETE").unlink(missing_ok=True)
-        so.unlink(missing_ok=True)                              # a half-written module from an interrupted build
-        _ninja_file(nvcc, archs, out_dir)
-        cmd = [_ninja(), "-C", str(out_dir)] + (["-j", os.environ["MAX_JOBS"]] if os.environ.get("MAX_JOBS") else [])
-        print(f"ivmini: compiling the CUDA kernels in csrc/ for sm_{', sm_'.join(archs)} into {out_dir} "
-              f"(first use of this source version; a few minutes on 2 cores)", file=sys.stderr, flush=True)
-        t0 = time.time()
-        proc = subprocess.run(cmd + (["-v"] if verbose else []), capture_output=True, text=True)
-        (out_dir / "build.log").write_text(proc.stdout + proc.stderr)
-        if verbose:
-            print(proc.stdout + proc.stderr, file=sys.stderr)
-        if proc.returncode != 0:
-            raise BuildError(f"building the CUDA extension failed (ninja exit {proc.returncode}); full log in "
-                             f"{out_dir / 'build.log'}; its end:\n{(proc.stdout + proc.stderr)[-4000:]}")
-        info = dict(key=key, archs=list(archs), nvcc=nvcc, seconds=round(time.time() - t0, 1),
-                    python=sys.version.split()[0])
-        (out_dir / "COMPLETE").write_text(json.dumps(info, indent=1))
-    return so
-
-
-_EXT = None
-
-
-def ext():
-    """The loaded extension module (built on first use)."""
-    global _EXT
-    if _EXT is None:
-        so = build()
-        spec = importlib.util.spec_from_file_location(MODULE, so)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _EXT = module
-    return _EXT
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,74 +70,97 @@ def _heads_last(B, H, N, D, dtype, device):
     return empty((B, N, H, D), dtype, device).transpose(1, 2)
 
 
-def _attn_args(q, k, v, kpm, causal, scale, o, lse):
+def _attn_args(q, k, v, kpm, bias, causal, scale, o, lse):
     B, Hq, Nq, D = q.shape
     kpm8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
     return dict(dtype=_DTYPE_CODE[q.dtype], B=B, Hq=Hq, Hkv=k.shape[1], Nq=Nq, Nk=k.shape[2], D=D,
                 scale=float(scale), causal=bool(causal), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
                 q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3],
                 kpm=_ptr(kpm8), kpm_stride=0 if kpm8 is None else kpm8.stride(0), o=o.data_ptr(),
-                o_stride=o.stride()[:3], lse=lse.data_ptr()), kpm8
+                o_stride=o.stride()[:3], lse=lse.data_ptr(), bias=_ptr(bias),
+                bias_stride=(0, 0, 0, 0) if bias is None else bias.stride()), kpm8
+
+
+def _fp32_bias(bias):
+    """The kernels read an fp32 bias. The public wrapper passes one already (converted on the caller's small
+    tensor); a direct caller's fp16/bf16/fp64 view is converted here, exactly for 16-bit dtypes, as a full-size
+    copy (an expanded view does not keep its zero strides through .float())."""
+    return bias if bias is None or bias.dtype == torch.float32 else bias.float()
 
 
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Hq, Nq, D) in q.dtype (stored heads-last) and lse (B, Hq, Nq) fp32."""
+                   bias: Optional[torch.Tensor], causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Nq, D) in q.dtype (stored heads-last) and lse (B, Hq, Nq) fp32. bias: None or a
+    (B, Hq, Nq, Nk) view with any strides (0 for broadcast dims), read in place when fp32."""
+    bias = _fp32_bias(bias)
     q, k, v = _ready(q), _ready(k), _ready(v)
     B, Hq, Nq, D = q.shape
     o = _heads_last(B, Hq, Nq, D, q.dtype, q.device)
     lse = empty((B, Hq, Nq), torch.float32, q.device)
-    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse)
+    args, _keep = _attn_args(q, k, v, key_padding_mask, bias, causal, scale, o, lse)
     with device_guard(q):
         ext().attention_fwd(**args, stream=_stream(q))
     return o, lse
 
 
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   causal: bool, scale: float, bias_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (stored heads-last) and dbias: (B, Hq, Nq, Nk) fp32 when bias_grad, else an empty (0,) tensor."""
+    bias = _fp32_bias(bias)
     q, k, v, o, do = _ready(q), _ready(k), _ready(v), _ready(o), _ready(do.to(q.dtype))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dq = _heads_last(B, Hq, Nq, D, q.dtype, q.device)
     dk = _heads_last(B, Hkv, Nk, D, k.dtype, k.device)
     dv = _heads_last(B, Hkv, Nk, D, v.dtype, v.device)
+    dbias = empty((B, Hq, Nq, Nk) if bias_grad else (0,), torch.float32, q.device)
     delta = empty((B, Hq, Nq), torch.float32, q.device)
     lse = lse.contiguous()
-    args, _keep = _attn_args(q, k, v, key_padding_mask, causal, scale, o, lse)
+    args, _keep = _attn_args(q, k, v, key_padding_mask, bias, causal, scale, o, lse)
     args.update(dout=do.data_ptr(), dout_stride=do.stride()[:3], delta=delta.data_ptr(), dq=dq.data_ptr(),
                 dk=dk.data_ptr(), dv=dv.data_ptr(), dq_stride=dq.stride()[:3], dk_stride=dk.stride()[:3],
-                dv_stride=dv.stride()[:3])
+                dv_stride=dv.stride()[:3], dbias=dbias.data_ptr() if bias_grad else None)
     with device_guard(q):
         ext().attention_bwd(**args, stream=_stream(q))
-    return dq, dk, dv
+    return dq, dk, dv, dbias
 
 
 attention_fwd, attention_bwd = custom_ops.define("attention", "cuda", _attention_fwd, _attention_bwd)
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
-    """CUDA backend of kernels.attention (shapes already checked there): fp16/bf16, head dims 8..128 in steps of 8."""
+def expand_bias(bias, shape):
+    """The caller's bias (broadcastable to shape = (B, Hq, Nq, Nk)) as the fp32 4-D view the custom op takes:
+    cast first, on the caller's small tensor (a (1, H, N, N) bias is not copied B times), then size-1 dims
+    prepended and expanded, so broadcast dims have stride 0 and autograd sums dbias back to the caller's
+    shape and dtype."""
+    b = bias.float()
+    return b.reshape((1,) * (4 - b.dim()) + tuple(b.shape)).expand(shape)   # (B, Hq, Nq, Nk), a view
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None, bias=None):
+    """CUDA backend of kernels.attention (shapes already checked there): fp16/bf16, head dims 8..128 in steps of 8;
+    bias of any float dtype (computed in fp32)."""
     _check("attention", (torch.float16, torch.bfloat16), q=q, k=k, v=v)
     _check("attention", (torch.bool,), key_padding_mask=key_padding_mask)
-    D = q.shape[-1]
+    _check("attention", (torch.float16, torch.bfloat16, torch.float32, torch.float64), bias=bias)
+    B, Hq, Nq, D = q.shape
     if D % 8 or D > MAX_HEAD_DIM:
         raise ValueError(f"cuda attention supports head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {D}; "
                          f"use backend 'triton' (up to 256) or 'ref'")
-    if q.shape[0] > GRID_LIMIT or q.shape[1] > GRID_LIMIT:
-        raise ValueError(f"cuda attention: batch ({q.shape[0]}) and query heads ({q.shape[1]}) must be at most "
+    if B > GRID_LIMIT or Hq > GRID_LIMIT:
+        raise ValueError(f"cuda attention: batch ({B}) and query heads ({Hq}) must be at most "
                          f"{GRID_LIMIT} (CUDA grid limit); split the batch")
     scale = D ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to launch; the reference gives the (empty/zero) result
-        return ref.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    return attention_fwd(q, k, v, key_padding_mask, bool(causal), scale)[0]
+        return ref.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, bias=bias)
+    bias4 = None if bias is None else expand_bias(bias, (B, Hq, Nq, k.shape[2]))
+    return attention_fwd(q, k, v, key_padding_mask, bias4, bool(causal), scale)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # rms_norm
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _rows(t):
     """(rows, width) view (or copy) with a contiguous, aligned channel dim."""
@@ -492,7 +346,7 @@ for _op in ("attention", "rms_norm", "masked_gather", "attn_pool"):
 
 
 # ---------------------------------------------------------------------------------------------
-# command line
+# selftest
 
 def selftest():
     """One small forward + backward of every op against kernels.ref in float64. Returns the failures."""
@@ -506,26 +360,39 @@ def selftest():
         if not err <= tol:
             failures.append(name)
 
-    def run(op, make, tol, **kw):
+    def as64(a):   # the float64 twin of an input (a fresh leaf where the input is one)
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.detach().double().requires_grad_(a.requires_grad)
+        return a
+
+    def run(op, make, tol, name=None, **kw):
         args = make()
-        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        grad_leaves = lambda ts: [t for t in ts if isinstance(t, torch.Tensor) and t.requires_grad]  # noqa: E731
         out = getattr(kernels, op)(*args, backend="cuda", **kw)
         dout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, leaves, dout)
-        dargs = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-                 and a.is_floating_point() else a for a in args]
-        want = getattr(ref, op)(*dargs, **kw)
-        dleaves = [a for a in dargs if isinstance(a, torch.Tensor) and a.requires_grad]
-        wgrads = torch.autograd.grad(want, dleaves, dout.double())
-        compare(f"{op} forward", out, want, tol)
+        grads = torch.autograd.grad(out, grad_leaves([*args, *kw.values()]), dout)
+        dargs, dkw = [as64(a) for a in args], {n: as64(a) for n, a in kw.items()}
+        want = getattr(ref, op)(*dargs, **dkw)
+        wgrads = torch.autograd.grad(want, grad_leaves([*dargs, *dkw.values()]), dout.double())
+        name = name or op
+        compare(f"{name} forward", out, want, tol)
         for i, (g, w) in enumerate(zip(grads, wgrads)):
-            compare(f"{op} grad {i}", g, w, tol)
+            compare(f"{name} grad {i}", g, w, tol)
 
     h = torch.float16
     leaf = lambda *s, dt=h: torch.randn(*s, device=dev).to(dt).requires_grad_()  # noqa: E731
     for D in (64, 88, 128):
         run("attention", lambda: (leaf(2, 4, 77, D), leaf(2, 2, 67, D), leaf(2, 2, 67, D)), 5e-3, causal=True,
             key_padding_mask=torch.rand(2, 67, device=dev) > 0.2)
+    # an fp32 bias shared by the batch, with -inf entries and a whole -inf row; a bf16 one broadcast over heads
+    bias = torch.randn(1, 4, 77, 67, device=dev) * 2
+    bias[..., ::5] = float("-inf")
+    bias[:, :, 40] = float("-inf")
+    run("attention", lambda: (leaf(2, 4, 77, 88), leaf(2, 2, 67, 88), leaf(2, 2, 67, 88)), 5e-3, name="attention+bias",
+        causal=True, key_padding_mask=torch.rand(2, 67, device=dev) > 0.2, bias=bias.requires_grad_())
+    run("attention", lambda: (leaf(2, 4, 70, 64, dt=torch.bfloat16), leaf(2, 4, 90, 64, dt=torch.bfloat16),
+                              leaf(2, 4, 90, 64, dt=torch.bfloat16)), 2e-2, name="attention+bias bf16",
+        bias=leaf(2, 1, 70, 90, dt=torch.bfloat16))
     run("rms_norm", lambda: (leaf(3, 37, 1408), leaf(1408)), 5e-3)
     run("masked_gather", lambda: (leaf(2, 50, 72), torch.sort(torch.randperm(50, device=dev)[:13])[0].expand(2, 13)
                                   .contiguous(), leaf(1, 50, 72)), 1e-3)
@@ -536,36 +403,3 @@ def selftest():
                               leaf(48, C, dt=torch.float32), leaf(48, dt=torch.float32)), 5e-3, num_heads=H)
     torch.cuda.synchronize()
     return failures
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m kernels.cuda", description="Build and check the CUDA backend.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="compile csrc/ now (otherwise it happens on first use)")
-    b.add_argument("--arch", help="e.g. 80,90a (default: $IVMINI_CUDA_ARCH or 80;90a)")
-    b.add_argument("--cache", help="cache folder (default: $IVMINI_CUDA_CACHE or ~/.cache/ivmini/cuda)")
-    b.add_argument("-v", "--verbose", action="store_true", help="print the compiler output")
-    sub.add_parser("info", help="the build key, the module path and the CUDA runtime/driver seen by it")
-    sub.add_parser("selftest", help="run every kernel once on a small case and check it (needs a GPU)")
-    args = ap.parse_args(argv)
-    if args.cmd == "build":
-        t0 = time.time()
-        so = build(args.arch, args.cache, args.verbose)
-        spec = importlib.util.spec_from_file_location(MODULE, so)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        print(f"{so}\nbuilt or found in {time.time() - t0:.1f} s; imports; runtime: {module.runtime_info()}")
-    elif args.cmd == "info":
-        nvcc = find_nvcc()
-        print(json.dumps(dict(nvcc=nvcc, archs=parse_archs(), key=build_key(nvcc, parse_archs()),
-                              cache=str(cache_dir()), runtime=ext().runtime_info()), indent=1))
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("selftest needs a CUDA device")
-        failures = selftest()
-        print("selftest:", "ok" if not failures else f"FAILED: {failures}")
-        sys.exit(1 if failures else 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,9 @@
 // (its PTX wrappers replaced by ptx_emu.inc, every CUDA thread a fiber: prelude.h) and compiles this file
 // with g++. Each case runs the forward and the backward on random inputs in a strided buffer whose gaps
 // hold canaries and whose outputs start as NaN, and compares o, lse, dq, dk, dv with a float64 reference.
+// Bias cases add an fp32 bias in one of four layouts (full with padded rows, full stored keys-major, broadcast
+// (1, 1, Nq, Nk), broadcast (B, 1, 1, Nk): zero strides), with -inf entries and a whole -inf query row, and
+// check dbias elementwise (exactly 0 wherever the reference score is -inf) in a NaN-poisoned, canaried buffer.
 //     attention_check SEED [CASE]      exit status 0 when every case passes
 #include "attention_emu.cpp"
 #include <string>
@@ -35,7 +38,45 @@ template <typename T> struct Tensor {
   void reg() { emu::global_ranges.push_back({(const char *)buf.data(), (const char *)(buf.data() + buf.size())}); }
 };
 
-struct Case { int dtype, B, Hq, Hkv, Nq, Nk, D; bool causal, kpm, heads_last; int pad; std::string name; float qmul = 1.5f; };
+enum BiasLayout { kNoBias, kFullPadded, kFullKeysMajor, kQueryKey, kBatchKey };
+struct Case {
+  int dtype, B, Hq, Hkv, Nq, Nk, D;
+  bool causal, kpm, heads_last;
+  int pad;
+  std::string name;
+  float qmul = 1.5f;
+  BiasLayout bias = kNoBias;
+};
+
+// The bias as a strided (B, Hq, Nq, Nk) view of its buffer: strides[4] in elements, 0 for broadcast dims.
+struct Bias {
+  int64_t stride[4] = {0, 0, 0, 0};
+  std::vector<float> buf;
+  float at(int b, int h, int i, int j) const { return buf[b * stride[0] + h * stride[1] + i * stride[2] + j * stride[3]]; }
+  Bias(const Case &c, std::mt19937 &rng) {
+    const int64_t B = c.B, H = c.Hq, Nq = c.Nq, Nk = c.Nk;
+    int64_t dims[4] = {B, H, Nq, Nk};   // of the stored tensor (1 for a broadcast dim)
+    switch (c.bias) {
+      case kFullPadded: { const int64_t s[4] = {H * Nq * (Nk + 3), Nq * (Nk + 3), Nk + 3, 1}; memcpy(stride, s, 32); break; }
+      case kFullKeysMajor: { const int64_t s[4] = {H * Nk * Nq, Nk * Nq, 1, Nq}; memcpy(stride, s, 32); break; }
+      case kQueryKey: { const int64_t s[4] = {0, 0, Nk, 1}; memcpy(stride, s, 32); dims[0] = dims[1] = 1; break; }
+      case kBatchKey: { const int64_t s[4] = {Nk, 0, 0, 1}; memcpy(stride, s, 32); dims[1] = dims[2] = 1; break; }
+      case kNoBias: return;
+    }
+    int64_t size = 1;
+    for (int d = 0; d < 4; ++d) size += (dims[d] - 1) * stride[d];
+    std::normal_distribution<float> nd(0.f, 2.f);
+    buf.resize(std::max<int64_t>(size, 1));
+    for (auto &x : buf) x = rng() % 8 == 0 ? -INFINITY : nd(rng);   // one entry in 8 is -inf
+    // a whole -inf row: query Nq / 2 of every stored (b, h); for kBatchKey, whose rows are samples, sample 0
+    for (int64_t b = 0; b < dims[0]; ++b) for (int64_t h = 0; h < dims[1]; ++h) for (int64_t j = 0; j < Nk; ++j)
+      if (Nq > 0 && (c.bias != kBatchKey || b == 0)) buf[b * stride[0] + h * stride[1] + Nq / 2 * stride[2] + j * stride[3]] = -INFINITY;
+  }
+};
+
+static float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static uint32_t bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static const uint32_t kDbiasCanary = 0x7f800abc;   // a specific NaN in the 8 floats before and after dbias
 
 static double tol_for(int dtype) { return dtype == kBFloat16 ? 2e-2 : 4e-3; }
 
@@ -54,6 +95,11 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
     for (auto &x : kpm) x = (rng() % 4) != 0;
     if (c.B > 1) for (int j = 0; j < c.Nk; ++j) kpm[1 * c.Nk + j] = 0;   // batch 1: every key padded out
   }
+  const Bias bias(c, rng);
+  if (c.bias != kNoBias) emu::global_ranges.push_back({(const char *)bias.buf.data(), (const char *)(bias.buf.data() + bias.buf.size())});
+  const size_t nscores = (size_t)c.B * c.Hq * c.Nq * c.Nk;
+  std::vector<float> dbias_buf(nscores + 16, from_bits(kDbiasCanary));   // dbias = dbias_buf + 8
+  for (size_t x = 0; x < nscores; ++x) dbias_buf[8 + x] = NAN;
   size_t nrows = (size_t)c.B * c.Hq * c.Nq;
   std::vector<float> lse(std::max<size_t>(nrows, 1), NAN), delta(std::max<size_t>(nrows, 1), NAN);
   float scale = 1.f / std::sqrt((float)c.D);
@@ -67,6 +113,7 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
   p.dout = dout.buf.data(); memcpy(p.dout_stride, dout.stride, 24); p.delta = delta.data();
   p.dq = dq.buf.data(); p.dk = dk.buf.data(); p.dv = dv.buf.data();
   memcpy(p.dq_stride, dq.stride, 24); memcpy(p.dk_stride, dk.stride, 24); memcpy(p.dv_stride, dv.stride, 24);
+  if (c.bias != kNoBias) { p.bias = bias.buf.data(); memcpy(p.bias_stride, bias.stride, 32); p.dbias = dbias_buf.data() + 8; }
 
   if (attention_fwd(p, nullptr) != cudaSuccess) { printf("fwd launch error\n"); return false; }
   if (attention_bwd(p, nullptr) != cudaSuccess) { printf("bwd launch error\n"); return false; }
@@ -74,7 +121,8 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
   // float64 reference from the same rounded inputs
   int group = c.Hq / c.Hkv, off = c.Nk - c.Nq;
   double err_o = 0, max_o = 0, err_lse = 0, err_dq = 0, max_dq = 0, err_dk = 0, max_dk = 0, err_dv = 0, max_dv = 0;
-  int bad_inf = 0, nan_found = 0;
+  double err_db = 0, max_db = 0;
+  int bad_inf = 0, nan_found = 0, masked_nonzero = 0;
   std::vector<double> dkr((size_t)c.B * c.Hkv * c.Nk * c.D, 0), dvr(dkr.size(), 0);
   for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.Hq; ++h) {
     int hk = h / group;
@@ -85,7 +133,7 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
         bool ok = (!c.causal || j <= i + off) && (!c.kpm || kpm[b * c.Nk + j]);
         double x = 0;
         for (int d = 0; d < c.D; ++d) x += (double)tof(q.at(b, h, i, d)) * tof(k.at(b, hk, j, d));
-        s[j] = ok ? x * scale : -INFINITY;
+        s[j] = ok ? x * scale + (c.bias != kNoBias ? bias.at(b, h, i, j) : 0.) : -INFINITY;
         m = std::max(m, s[j]);
       }
       double l = 0;
@@ -119,6 +167,12 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
       }
       for (int j = 0; j < c.Nk; ++j) {
         double ds = P[j] * (dp[j] - dl);
+        if (c.bias != kNoBias) {   // dbias = dS, exactly 0 where the score is -inf (masked or a -inf bias)
+          const float got = dbias_buf[8 + (((size_t)b * c.Hq + h) * c.Nq + i) * c.Nk + j];
+          if (std::isnan(got)) ++nan_found;
+          if (s[j] == -INFINITY && got != 0.f) ++masked_nonzero;
+          err_db = std::max(err_db, std::fabs(ds - got)); max_db = std::max(max_db, std::fabs(ds));
+        }
         for (int d = 0; d < c.D; ++d) {
           size_t idx = (((size_t)b * c.Hkv + hk) * c.Nk + j) * c.D + d;
           dkr[idx] += ds * tof(q.at(b, h, i, d)) * scale;
@@ -135,14 +189,17 @@ template <typename T> bool run_case(const Case &c, std::mt19937 &rng) {
     err_dv = std::max(err_dv, std::fabs(dvr[idx] - bb)); max_dv = std::max(max_dv, std::fabs(dvr[idx]));
   }
   bool canaries = q.canaries_ok() && k.canaries_ok() && v.canaries_ok() && o.canaries_ok() && dq.canaries_ok() && dk.canaries_ok() && dv.canaries_ok() && dout.canaries_ok();
+  for (int x = 0; x < 8; ++x) canaries &= bits(dbias_buf[x]) == kDbiasCanary && bits(dbias_buf[8 + nscores + x]) == kDbiasCanary;
   double tol = tol_for(c.dtype);
   auto rel = [](double e, double m) { return e / std::max(m, 1e-3); };
-  bool ok = !nan_found && !bad_inf && canaries && rel(err_o, max_o) < tol && err_lse < 1e-3 && rel(err_dq, max_dq) < tol &&
-            rel(err_dk, max_dk) < tol && rel(err_dv, max_dv) < tol;
-  if (!ok) printf("   abs: dq err %.2e max %.2e | dk err %.2e max %.2e\n", err_dq, max_dq, err_dk, max_dk);
-  printf("%-4s %-44s o %.1e lse %.1e dq %.1e dk %.1e dv %.1e | nan %d inf-mismatch %d canaries %s\n", ok ? "OK" : "FAIL",
-         c.name.c_str(), rel(err_o, max_o), err_lse, rel(err_dq, max_dq), rel(err_dk, max_dk), rel(err_dv, max_dv), nan_found,
-         bad_inf, canaries ? "ok" : "BAD");
+  bool ok = !nan_found && !bad_inf && !masked_nonzero && canaries && rel(err_o, max_o) < tol && err_lse < 1e-3 &&
+            rel(err_dq, max_dq) < tol && rel(err_dk, max_dk) < tol && rel(err_dv, max_dv) < tol && rel(err_db, max_db) < tol;
+  if (!ok) printf("   abs: dq err %.2e max %.2e | dk err %.2e max %.2e | dbias err %.2e max %.2e, %d masked nonzero\n",
+                  err_dq, max_dq, err_dk, max_dk, err_db, max_db, masked_nonzero);
+  printf("%-4s %-56s o %.1e lse %.1e dq %.1e dk %.1e dv %.1e", ok ? "OK" : "FAIL", c.name.c_str(), rel(err_o, max_o), err_lse,
+         rel(err_dq, max_dq), rel(err_dk, max_dk), rel(err_dv, max_dv));
+  if (c.bias != kNoBias) printf(" dbias %.1e", rel(err_db, max_db));
+  printf(" | nan %d inf-mismatch %d canaries %s\n", nan_found, bad_inf, canaries ? "ok" : "BAD");
   return ok;
 }
 
@@ -177,6 +234,12 @@ int main(int argc, char **argv) {
   add(kFloat16, 1, 1, 1, 257, 257, 88, true, false, true, 0);
   add(kBFloat16, 1, 2, 1, 100, 190, 88, false, true, false, 0); cases.back().qmul = 12.f; cases.back().name += " q*12";
   add(kFloat16, 1, 1, 1, 80, 300, 128, true, false, false, 0); cases.back().qmul = 8.f; cases.back().name += " q*8";
+  // bias cases: every one has -inf entries and a whole -inf row (see Bias)
+  auto add_bias = [&](BiasLayout layout, const char *what) { cases.back().bias = layout; cases.back().name += what; };
+  add(kFloat16, 2, 4, 2, 40, 100, 40, true, true, true, 8); add_bias(kFullPadded, " bias full");
+  add(kBFloat16, 2, 2, 1, 100, 70, 128, true, false, false, 0); add_bias(kQueryKey, " bias (1,1,Nq,Nk)");
+  add(kFloat16, 1, 2, 2, 70, 90, 88, false, true, false, 0); add_bias(kFullKeysMajor, " bias keys-major");
+  add(kBFloat16, 2, 4, 1, 40, 64, 32, false, false, true, 0); add_bias(kBatchKey, " bias (B,1,1,Nk)");
   bool all = true;
   for (size_t i = 0; i < cases.size(); ++i) {
     if (which >= 0 && (int)i != which) continue;

@@ -32,7 +32,7 @@
 #define __shared__ __shared__must_be_rewritten_by_tests_test_cuda_emulated_py
 
 namespace emu {
-struct Copy { void *dst; unsigned char data[16]; };
+struct Copy { void *dst; unsigned char data[16]; int bytes; };   // one cp.async of 4 or 16 bytes
 struct Fiber {
   ucontext_t ctx;
   char *stack = nullptr;
