@@ -6,10 +6,11 @@
         train.py --stage 1 --preset 1B --data k710.txt --data-root /videos \\
         --teacher-multimodal internvl_c_13b_224px.pth --teacher-motion vit_g_hybrid_1200e_pre.pth
 
-Reads top to bottom: config -> process group -> data -> models (FSDP2) -> optimizer and schedule ->
-resume -> loop -> final checkpoint. What differs between stages (models, data, loss) lives in
-ivmini/stages.py; everything distributed (sharding, agreement, checkpoints) in ivmini/dist.py.
-Every field of TrainConfig (ivmini/config.py) can be set with --key=value or --set key=value.
+Reads top to bottom: config -> process group -> data -> model (FSDP2) -> optimizer and schedule ->
+resume -> loop -> final checkpoint. What differs between stages (data, towers, loss) lives in
+ivmini/stages.py; everything distributed (sharding, agreement, faults, checkpoints) in ivmini/dist.py.
+Every field of TrainConfig (ivmini/config.py) is an option: --name=value, --name value or
+--set name=value; the stage's own options (cfg.task) also as --task.name=value.
 
 Outputs in --out: config.json, metrics.jsonl (one JSON object per logged step), checkpoints/.
 Faults: a non-finite loss or gradient norm on any rank skips the optimizer step on every rank
@@ -19,98 +20,108 @@ and exit (143 / 130).
 """
 import argparse
 import dataclasses
+import inspect
+import io
 import json
 import logging
 import math
 import os
 import random
-import signal
-import sys
 import time
+import tokenize
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import kernels
 from ivmini import dist, stages
-from ivmini.config import TrainConfig, train_config
+from ivmini.config import RECIPES, TrainConfig, train_config
 from ivmini.data.datasets import ShardedSampler, make_loader
 
 log = logging.getLogger("ivmini.train")
 
 
 # ---------------------------------------------------------------------------------------------
-# config
+# config: the stage's recipe for the preset, then the command line
 
-def _parse_value(field, text):
-    if field.type in (bool, "bool"):
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"--{field.name} expects true/false, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
-    kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-    return kind(text)
+def field_help(cls):
+    """{field name: its trailing comment} of a config dataclass: the one-line help of each option."""
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("# ")
+    lines = inspect.getsource(cls).splitlines()
+    return {line.split(":")[0].strip(): comments[i + 1] for i, line in enumerate(lines)
+            if i + 1 in comments and ":" in line.split("#")[0]}
 
 
 def parse_args(argv=None) -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    tiny = dataclasses.asdict(train_config(1, "tiny"))
-    listing = "\n".join(f"  --{n.replace('_', '-')}={tiny[n]!r}" for n in fields)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--stage", type=int, default=1, choices=sorted(RECIPES))
+    first.add_argument("--preset", default="tiny")
+    known, rest = first.parse_known_args(argv)
+    try:
+        cfg = train_config(known.stage, known.preset)
+    except ValueError as e:
+        first.error(str(e))
+    helps = {**field_help(TrainConfig), **field_help(type(cfg.task))}
+    values = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "task"},
+              **dataclasses.asdict(cfg.task)}
+    options = [f"  --{k.replace('_', '-')}={v!r}" for k, v in values.items()]
+    width = max(map(len, options)) + 2
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every TrainConfig field (ivmini/config.py, where each is explained) is an option, as --field=value, "
-               "--field value or --set field=value. Fields and defaults of the tiny stage-1 recipe:\n" + listing)
-    ap.add_argument("--stage", type=int, default=1, choices=sorted(stages.STAGES), help="training stage")
-    ap.add_argument("--preset", default="tiny", help="student size: tiny | S | B | L | 1B | 6B")
-    ap.add_argument("--data", help="annotation file (default: the synthetic world, generated on first use)")
-    ap.add_argument("--out", help="output folder (default runs/stage<N>)")
-    ap.add_argument("--max-steps", type=int, help="optimizer steps")
+        epilog=f"Stages: {', '.join(map(str, sorted(RECIPES)))}. Options of stage {known.stage} with preset "
+               f"{known.preset}, with this recipe's defaults (the stage's own options, cfg.task, also as "
+               "--task.NAME):\n" + "\n".join(o.ljust(width) + helps.get(k, "") for o, k in zip(options, values)))
+    ap.add_argument("--stage", type=int, default=1, choices=sorted(RECIPES), help="training stage")
+    ap.add_argument("--preset", default="tiny", help="model size: tiny | S | B | L | 1B | 6B")
     ap.add_argument("--resume", nargs="?", const="auto", help="resume from the newest checkpoint in --out, or DIR")
-    ap.add_argument("--backend", choices=["ref", "triton", "cuda"], help="kernels backend (default: triton on "
-                                                                          "GPU, ref on CPU)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set an option")
     args, extra = ap.parse_known_args(argv)
-    overrides = {k: v for k, v in (("data", args.data), ("out", args.out), ("max_steps", args.max_steps),
-                                   ("resume", args.resume), ("backend", args.backend)) if v is not None}
-    pairs, extra = list(args.set), list(extra)
+    pairs = list(args.set) + ([f"resume={args.resume}"] if args.resume else [])
     while extra:                                  # --key=value or --key value
         item = extra.pop(0)
         if not item.startswith("--"):
-            ap.error(f"unrecognised argument {item!r} (config fields take the form --key=value)")
+            ap.error(f"unrecognised argument {item!r} (options take the form --name=value)")
         if "=" not in item:
             if not extra:
                 ap.error(f"{item} needs a value")
             item = f"{item}={extra.pop(0)}"
         pairs.append(item[2:])
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            ap.error(f"unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
-        overrides[key] = _parse_value(fields[key], value)
-    return train_config(args.stage, args.preset, **overrides)
+    try:
+        cfg = train_config(known.stage, known.preset, **dict(p.partition("=")[::2] for p in pairs))
+    except ValueError as e:
+        ap.error(str(e))
+    if cfg.backend and cfg.backend not in kernels.BACKENDS:
+        ap.error(f"--backend={cfg.backend!r}: choose one of {', '.join(kernels.BACKENDS)}")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
-# optimizer and schedule (official stage-1 recipe: AdamW, no decay on 1-D/bias/position/cls params,
+# optimizer and schedule (official recipe: AdamW, no decay on 1-D / bias / declared params,
 # linear warmup from 0, then step-level cosine to min_lr)
 
 def param_groups(model, weight_decay):
-    skip = model.no_weight_decay()
+    """Trained parameters (requires_grad) in two groups: with weight decay, and without it for 1-D
+    params, biases and the names each submodule declares in its `no_weight_decay()`."""
+    skip = set()
+    for prefix, m in model.named_modules():
+        declared = getattr(m, "no_weight_decay", None)   # a module's declaration, not a feature probe
+        if callable(declared):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in declared()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step, cfg, peak, floor):
-    if step < cfg.warmup_steps:
-        return peak * step / max(1, cfg.warmup_steps - 1)         # np.linspace(0, peak, warmup)
-    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+def lr_at(step, peak, floor, warmup, total):
+    if step < warmup:
+        return peak * step / max(1, warmup - 1)                  # np.linspace(0, peak, warmup)
+    t = (step - warmup) / max(1, total - warmup)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
 
 
@@ -129,49 +140,43 @@ def main(argv=None):
     stage = stages.STAGES[cfg.stage]
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
-        log.info("config:\n%s", json.dumps(dataclasses.asdict(cfg), indent=1))
+        log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # data: rank 0 prepares it first (e.g. generates the synthetic world), the others then find it
-    if rank != 0:
-        torch.distributed.barrier()
-    dataset = stage.dataset(cfg)
-    if rank == 0:
-        torch.distributed.barrier()
+    with dist.rank_zero_first():
+        dataset = stage.dataset(cfg)
     sampler = ShardedSampler(len(dataset), rank, world, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accum
     steps_per_epoch = len(sampler) // per_step
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} samples over {world} ranks cannot fill one step of "
                          f"{cfg.batch_size} x {cfg.accum} clips per rank")
+    max_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
+    warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs else cfg.warmup_steps
 
-    # models: built identically on every rank (same seed), then sharded with FSDP2
-    models = stage.build(cfg, device)
-    device_mesh, mp_policy = dist.mesh(device), dist.mixed_precision(device)
-    for m in models.values():
-        dist.shard(m, device_mesh, mp_policy)
-    student = models["student"]
-    if cfg.compile:
-        for block in student.blocks:
-            block.compile()
-    global_batch = per_step * world
-    peak, floor = cfg.base_lr * global_batch / 256, cfg.min_lr * global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
+    # model: built identically on every rank (same seed), then wrapped (FSDP2, recompute, compile)
+    model, frozen = stage.build(cfg, device)
+    dist.parallelize(model, frozen.values(), device, act_ckpt=cfg.act_ckpt, compile=cfg.compile)
+
+    # optimizer and schedule
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
+    scale = per_step * world / 256 if cfg.lr_scaling == "batch256" else 1.0
+    peak, floor = cfg.base_lr * scale, cfg.min_lr * scale
+
+    # resume: model, optimizer, step, skips and this rank's RNG; the data position follows from the step
     step, skips = 0, 0
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     if cfg.resume:
         path = dist.latest_checkpoint(ckpt_dir if cfg.resume == "auto" else cfg.resume)
         if path is None:
             raise SystemExit(f"--resume: no complete checkpoint under {ckpt_dir if cfg.resume == 'auto' else cfg.resume}")
-        meta = dist.load_checkpoint(path, student, optimizer)
+        meta = dist.load_checkpoint(path, model, optimizer)
         step, skips = meta["step"], meta["skips"]
         log.info("resumed from %s at step %d", path, step)
-
-    stop = {"signal": 0}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    guard = dist.Guard(cfg.max_skips, skips)
 
     def batches(step):
         """Micro-batches from the data position of `step` on: epoch and offset follow from the step."""
@@ -184,68 +189,60 @@ def main(argv=None):
             epoch, offset = epoch + 1, 0
 
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
-    pbar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    pbar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
     data = batches(step)
     window = {"clips": 0, "time": time.perf_counter(), "skipped_samples": 0}
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg, peak, floor)
+    while step < max_steps:
+        lr = lr_at(step, peak, floor, warmup, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        bad, ids, values = False, [], {}
+
+        # forward and backward over the micro-batches; a non-finite loss on any rank skips the step everywhere
+        finite, ids, values = True, [], {}
         for _ in range(cfg.accum):
             epoch, batch = next(data)                 # consumed even after a bad micro-batch: the data
             ids += batch["path"]                      # position stays a function of the step
             window["skipped_samples"] += len(batch["skipped"])
-            if bad:
-                continue
-            loss, values = stage.forward_loss(models, batch, cfg, epoch, device)
-            if step == cfg.fault_nan_step and rank == cfg.fault_nan_rank:
-                loss = loss * float("nan")
-            bad, = dist.agree(not torch.isfinite(loss).item())
-            if not bad:                               # every rank skips backward together: no collective mismatch
-                (loss / cfg.accum).backward()
-        grad_norm = float("nan")
-        if not bad:
-            grad_norm = dist.clip_grad_norm(student, cfg.clip_grad)
-            bad = not math.isfinite(grad_norm)      # the norm is global, so every rank agrees
-        if bad:
-            skips += 1
-            log.warning("non-finite loss or gradient at step %d (rank %d, lr %.3g, grad norm %s, samples %s); "
-                        "skipped (%d of at most %d)", step, rank, lr, grad_norm, ids[:8], skips, cfg.max_skips)
-            if skips > cfg.max_skips:
-                log.error("more than --max-skips=%d non-finite steps: aborting without a checkpoint", cfg.max_skips)
-                sys.exit(3)
-        else:
+            if finite:
+                loss, values = stage.forward_loss(model, frozen, batch, cfg, epoch)
+                finite = guard.finite(loss, step)
+                if finite:
+                    (loss / cfg.accum).backward()
+
+        # optimizer step, unless the loss or the global gradient norm is not finite
+        grad_norm = dist.clip_grad_norm(model, cfg.clip_grad) if finite else float("nan")
+        if guard.take_step(finite, grad_norm, step, lr, ids):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window["clips"] += per_step * world
         pbar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        # metrics: means over ranks, one JSON line per logged step
+        if step % cfg.log_every == 0 or step == max_steps:
             values = dist.all_reduce_mean(values)
             elapsed = time.perf_counter() - window["time"]
-            record = dict(step=step, lr=lr, grad_norm=grad_norm, skips=skips, clips_per_s=window["clips"] / elapsed,
-                          skipped_samples=window["skipped_samples"], **values)
+            record = dict(step=step, lr=lr, grad_norm=grad_norm, skips=guard.skips,
+                          clips_per_s=window["clips"] / elapsed, skipped_samples=window["skipped_samples"], **values)
             if device.type == "cuda":   # model FLOPs utilisation against the dense bf16 peak of an H100/H200
-                record["mfu"] = stage.flops_per_clip(models, cfg) * record["clips_per_s"] / (989e12 * world)
+                record["mfu"] = stage.flops_per_clip(model, frozen, cfg) * record["clips_per_s"] / (989e12 * world)
             window.update(clips=0, time=time.perf_counter())
             pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}",
                              **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-        stopping, = dist.agree(stop["signal"] != 0)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
-            meta = dict(skips=skips, epoch=step // steps_per_epoch, offset=(step % steps_per_epoch) * per_step,
-                        config=dataclasses.asdict(cfg), student_config=dataclasses.asdict(student.cfg))
-            path = dist.save_checkpoint(ckpt_dir, step, student, optimizer, meta, keep=cfg.keep_ckpts)
-            log.info("checkpoint %s", path)
+
+        # checkpoint every ckpt_every steps, at the end, and before stopping on a signal
+        stopping = guard.stopping()
+        if step % cfg.ckpt_every == 0 or step == max_steps or stopping:
+            meta = dict(skips=guard.skips, epoch=step // steps_per_epoch,
+                        offset=(step % steps_per_epoch) * per_step, config=dataclasses.asdict(cfg),
+                        model_config=dataclasses.asdict(model.cfg))
+            log.info("checkpoint %s", dist.save_checkpoint(ckpt_dir, step, model, optimizer, meta, keep=cfg.keep_ckpts))
         if stopping:
-            log.warning("stopping on a signal after step %d", step)
             pbar.close()
-            dist.shutdown()
-            sys.exit(130 if stop["signal"] == signal.SIGINT else 143)
+            guard.exit(step)
     pbar.close()
     if metrics_file:
         metrics_file.close()

@@ -4,7 +4,7 @@ The numbers of the S/B/L/1B/6B presets are the official InternVideo2 ones (singl
 `models/internvideo2*.py` factories; see shared facts §1.2): patch 14, 224 px, qk-norm, no qkv bias,
 a 16-head attention pool that outputs 768, LayerScale 1e-5. `tiny` is ivmini's own CPU size.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 
 @dataclass
@@ -26,7 +26,6 @@ class VisionConfig:
     num_frames: int = 8
     tubelet_size: int = 1
     drop_path_rate: float = 0.25
-    checkpoint_num: int = 0             # activation checkpointing of blocks [0, checkpoint_num)
     # attention pooling head (`clip_projector`)
     attn_pool_num_heads: int = 16
     clip_embed_dim: int = 768
@@ -125,61 +124,113 @@ def vision_config(preset="tiny", **overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# training: TrainConfig (what every stage has) + the stage's own options in `task`; one recipe function
+# per stage returns the official numbers for a preset. Field comments are the `train.py --help` text.
+
+@dataclass
+class DistillTask:
+    """Stage 1, unmasked-token distillation (paper §3.1; facts §2)."""
+    num_frames: int = 8              # student frames; the motion teacher sees twice as many
+    img_size: int = 0                # input resolution; 0 = the preset's
+    mask_ratio: float = 0.8          # share of each frame's patches the student does not see
+    clip_return_layer: int = 2       # student blocks distilled from the multimodal teacher's last ones (official 6)
+    mae_return_layer: int = 2        # student blocks distilled from the motion teacher's last ones (official 4)
+    loss_clip_middle: float = 1.0    # weight of the multimodal teacher's token loss
+    loss_clip_final: float = 1.0     # weight of its pooled-output loss
+    loss_mae: float = 1.0            # weight of the motion teacher's token loss
+    teacher_multimodal: str = ""     # InternVL-C .pth / OpenAI-CLIP weights; "" = small random teacher (smoke run)
+    teacher_multimodal_kind: str = "internvl"   # internvl | clip
+    teacher_motion: str = ""         # VideoMAEv2-g .pth; "" = small random teacher (smoke run)
+    teacher_motion_attention: str = "per_head"   # per_head (VideoMAEv2) | across_heads (the official file's layout)
+
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
-    preset: str = "tiny"             # student size (VISION_PRESETS)
-    data: str = ""                   # annotation file (stage-1 list ...); "" = the synthetic world
-    data_root: str = ""              # root of the paths inside `data` (default: the world's folder)
-    out: str = "runs/stage1"
-    resume: str = ""                 # "" = start fresh, "auto" = newest checkpoint in out, or a checkpoint dir
-    max_steps: int = 300
+    stage: int = 1                   # training stage (see ivmini/stages.py)
+    preset: str = "tiny"             # model size: tiny | S | B | L | 1B | 6B
+    data: str = ""                   # annotation file; "" = the synthetic world (generated on first use)
+    data_root: str = ""              # root of the paths inside `data` (default: the annotation file's folder)
+    out: str = "runs/stage1"         # run folder: config.json, metrics.jsonl, checkpoints/
+    resume: str = ""                 # "auto" = newest checkpoint in `out`, or a checkpoint folder; "" = start fresh
+    epochs: float = 0.0              # training length in passes over the data (official scripts); 0 = use max_steps
+    warmup_epochs: float = 0.0       # linear warmup in epochs (with epochs > 0)
+    max_steps: int = 300             # training length in optimizer steps (when epochs = 0)
+    warmup_steps: int = 30           # linear warmup from 0 in steps (when epochs = 0), then cosine to min_lr
     batch_size: int = 8              # clips per rank per micro-batch
     accum: int = 1                   # micro-batches per optimizer step
-    base_lr: float = 1.5e-4          # official: lr = base_lr * global_batch / 256
-    min_lr: float = 1e-5             # likewise scaled by global_batch / 256
-    warmup_steps: int = 30           # linear from 0, then step-level cosine to min_lr
-    weight_decay: float = 0.05       # not on 1-D params, biases, position tables, cls token
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    clip_grad: float = 3.0
-    num_frames: int = 8              # student frames; the motion teacher sees twice as many
-    img_size: int = 0                # 0 = the preset's
-    mask_ratio: float = 0.8
-    clip_return_layer: int = 2       # official 1B: 6 (student blocks 34-39 <-> teacher 42-47)
-    mae_return_layer: int = 2        # official 1B: 4
-    loss_clip_middle: float = 1.0
-    loss_clip_final: float = 1.0
-    loss_mae: float = 1.0
-    teacher_multimodal: str = ""     # InternVL-C .pth / OpenAI-CLIP visual weights; "" = small random teacher
-    teacher_multimodal_kind: str = "internvl"   # internvl | clip
-    teacher_motion: str = ""         # VideoMAEv2-g .pth; "" = small random teacher
+    base_lr: float = 1.5e-4          # peak learning rate (see lr_scaling)
+    min_lr: float = 1e-5             # final learning rate of the cosine (see lr_scaling)
+    lr_scaling: str = "batch256"     # "batch256": base_lr and min_lr x global batch / 256 (official stage 1); "none"
+    weight_decay: float = 0.05       # AdamW; not on 1-D params, biases or the modules' declared no-decay names
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.98              # AdamW beta2
+    eps: float = 1e-6                # AdamW eps
+    clip_grad: float = 3.0           # max global gradient norm
+    act_ckpt: bool = False           # recompute every trained Block's activations in the backward (saves memory)
+    compile: bool = False            # torch.compile every Block
+    backend: str = ""                # kernels backend: "" = default (triton on CUDA, torch on CPU), ref, torch, ...
     workers: int = 2                 # DataLoader worker processes per rank
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_ckpts: int = 2
-    backend: str = ""                # kernels backend: "" = default (triton on CUDA, ref on CPU)
-    compile: bool = False            # torch.compile the student's blocks
-    max_skips: int = 10              # non-finite steps skipped before aborting
-    fault_nan_step: int = -1         # testing: rank fault_nan_rank's loss is NaN at this step
-    fault_nan_rank: int = 0
+    seed: int = 0                    # seed of weights, data order, augmentation and masking
+    log_every: int = 10              # steps between metrics lines
+    ckpt_every: int = 100            # steps between checkpoints
+    keep_ckpts: int = 2              # checkpoints kept (the newest)
+    max_skips: int = 10              # non-finite steps skipped before the run aborts
+    task: DistillTask = field(default_factory=DistillTask)   # the stage's own options (--task.NAME or --NAME)
 
 
-def train_config(stage=1, preset="tiny", **overrides):
-    """The recipe of a stage for a preset, then `overrides`. Official stage-1 numbers (facts §2.5)
-    for the 1B/6B presets; the tiny preset keeps them but trains briefly on the synthetic world."""
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"unknown TrainConfig field(s) {unknown}")
-    recipe = dict(stage=stage, preset=preset, out=f"runs/stage{stage}")
-    if preset == "tiny":   # a few hundred CPU steps: a 10x larger rate (1e-3 at a global batch of 16)
-        recipe.update(base_lr=1.6e-2, min_lr=1.6e-3, warmup_steps=20)
-    if stage == 1 and preset in ("1B", "6B"):
-        recipe.update(batch_size=32 if preset == "1B" else 8, clip_return_layer=6, mae_return_layer=4,
-                      max_steps=100_000, warmup_steps=10_000, ckpt_every=1000, log_every=50, workers=8)
-    return replace(TrainConfig(**recipe), **overrides)
+def stage1(preset="tiny") -> TrainConfig:
+    """Stage 1. 1B/6B: the official scripts SM scripts/pretraining/{1B,6B}_pt.sh (facts §2.5): 301 epochs,
+    40 warmup, lr 1.5e-4 x batch/256, per-GPU batch 32 / 8, 6 + 4 distilled layers, all blocks
+    recomputed. tiny: a few hundred CPU steps on the synthetic world, 10x the rate (1e-3 at a global
+    batch of 16). S/B/L: the tiny schedule with the official optimizer (their official students
+    are distilled from a stage-2 InternVideo2, which is not this recipe)."""
+    cfg = TrainConfig(stage=1, preset=preset, out="runs/stage1")
+    if preset == "tiny":
+        return replace(cfg, base_lr=1.6e-2, min_lr=1.6e-3, warmup_steps=20)
+    if preset in ("1B", "6B"):
+        return replace(cfg, batch_size=32 if preset == "1B" else 8, epochs=301, warmup_epochs=40, act_ckpt=True,
+                       ckpt_every=1000, log_every=50, workers=8,
+                       task=DistillTask(clip_return_layer=6, mae_return_layer=4))
+    return cfg
+
+
+RECIPES = {1: stage1}
+
+
+def _has(obj, name):
+    return is_dataclass(obj) and name in {f.name for f in fields(obj)}
+
+
+def set_field(cfg, key, value):
+    """Set option `key` ("name", "task.name", or a task field's bare name) on cfg in place, converting a
+    text value to the field's type. An unknown name or a bad value is a ValueError naming the option."""
+    names = key.replace("-", "_").split(".")
+    if len(names) == 1 and not _has(cfg, names[0]) and _has(cfg.task, names[0]):
+        names = ["task", names[0]]                     # a task option by its bare name
+    obj = cfg
+    for name in names[:-1]:
+        obj = getattr(obj, name) if _has(obj, name) else None
+    if not _has(obj, names[-1]) or is_dataclass(getattr(obj, names[-1])):
+        raise ValueError(f"unknown option {key!r}")
+    kind = {f.name: f.type for f in fields(obj)}[names[-1]]
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"option {key} expects true or false, got {value!r}")
+        value = value.lower() in ("1", "true", "yes")
+    try:
+        setattr(obj, names[-1], kind(value))
+    except ValueError:
+        raise ValueError(f"option {key} expects {kind.__name__}, got {value!r}") from None
+
+
+def train_config(stage=1, preset="tiny", **overrides) -> TrainConfig:
+    """The recipe of `stage` for `preset`, then `overrides` (field names; task fields by their bare name
+    or as task__name)."""
+    if stage not in RECIPES:
+        raise ValueError(f"unknown stage {stage}; stages: {sorted(RECIPES)}")
+    if preset not in VISION_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(VISION_PRESETS)}")
+    cfg = RECIPES[stage](preset)
+    for key, value in overrides.items():
+        set_field(cfg, key.replace("__", "."), value)
+    return cfg

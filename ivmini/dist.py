@@ -1,10 +1,12 @@
-"""Everything distributed: the process group, FSDP2 wrapping, cross-rank agreement, checkpoints.
+"""Everything distributed: the process group, FSDP2 wrapping, cross-rank agreement, faults and stops,
+checkpoints.
 
 The model code never imports torch.distributed; this file wraps finished models (torchtitan order:
-`fully_shard` each block, then the root) and owns the checkpoint format:
+activation checkpointing and torch.compile per Block, then `fully_shard` each Block, then the root) and
+owns the checkpoint format:
 
     OUT/checkpoints/step_00000100/      a complete checkpoint (COMPLETE marker inside)
-        .metadata, __*.distcp          DCP shards of {"model", "optim"} (student and optimizer)
+        .metadata, __*.distcp          DCP shards of {"model", "optim"} (the trained module and optimizer)
         rank_<r>.pt                    per-rank state: RNG states (python, numpy, torch)
         meta.json                      step, epoch, data position, skip count, world size, config
         COMPLETE                       written last; a directory without it is ignored
@@ -14,23 +16,31 @@ mid-save leaves the previous checkpoint as the latest. The last `keep` checkpoin
 Single process: `python train.py` works too: init() then makes a 1-rank gloo group, so the same
 FSDP2 code path runs everywhere.
 """
+import contextlib
 import json
+import logging
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import socket
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .layers import Block
+
+log = logging.getLogger("ivmini.dist")
 
 
 def _free_port():
@@ -62,12 +72,14 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def mesh(device):
-    return init_device_mesh(device.type, (dist.get_world_size(),))
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (e.g. generates or downloads data), then the other ranks."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.get_rank() == 0:
+        dist.barrier()
 
 
 def mixed_precision(device):
@@ -77,13 +89,22 @@ def mixed_precision(device):
     return MixedPrecisionPolicy()
 
 
-def shard(model, device_mesh, mp_policy):
-    """FSDP2: each transformer block is its own unit (gathered just in time, freed after), then the
-    root (embeddings, heads). Frozen teachers are sharded the same way: a 6B teacher does not fit
-    replicated."""
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, mesh=device_mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=device_mesh, mp_policy=mp_policy)
+def parallelize(model, frozen, device, *, act_ckpt=False, compile=False):
+    """Wrap the trained `model` and the `frozen` modules for training on every rank, finding the
+    transformer blocks by type (layers.Block) in whatever towers they sit. Trained blocks: activation
+    checkpointing (recomputed in the backward) if asked, torch.compile if asked. Then FSDP2 on every
+    module: each Block is its own unit (gathered just in time, freed after), then the root (embeddings,
+    heads). Frozen teachers are sharded too: a 6B teacher does not fit replicated."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for m in (model, *frozen):
+        blocks = [b for b in m.modules() if isinstance(b, Block)]
+        for b in blocks:
+            if m is model and act_ckpt:
+                activation_checkpoint(b)
+            if m is model and compile:
+                b.compile()
+            fully_shard(b, mesh=mesh, mp_policy=mixed_precision(device))
+        fully_shard(m, mesh=mesh, mp_policy=mixed_precision(device))
     return model
 
 
@@ -101,6 +122,55 @@ def clip_grad_norm(model, max_norm):
     """Clip the global gradient norm (over all shards and ranks) -> the norm before clipping, a float."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+class Guard:
+    """Faults and stops, agreed by every rank so that no collective is left waiting.
+
+    - SIGTERM / SIGINT (Ctrl-C) set a flag; `stopping()` is true on every rank once any rank got one, and
+      the loop then checkpoints and calls `exit()` (exit code 143 / 130).
+    - A non-finite loss on any rank makes `finite()` false on every rank (everyone skips the backward),
+      a non-finite global gradient norm likewise; `take_step()` then counts the skip, logs it with the
+      step, rank, lr, grad norm and sample ids, and aborts with exit code 3 and no new checkpoint once
+      more than `max_skips` steps were skipped.
+    - Fault injection for tests, read here only: IVMINI_INJECT_NAN="STEP[:RANK]" makes RANK's (default 0)
+      loss count as non-finite at optimizer step STEP.
+    """
+
+    def __init__(self, max_skips, skips=0):
+        self.max_skips, self.skips, self.signal = max_skips, skips, 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        step, _, rank = os.environ.get("IVMINI_INJECT_NAN", "").partition(":")
+        self.inject_nan = (int(step), int(rank or 0)) if step else None
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum
+
+    def finite(self, loss, step):
+        bad = not torch.isfinite(loss).item() or self.inject_nan == (step, dist.get_rank())
+        return not agree(bad)[0]
+
+    def take_step(self, finite, grad_norm, step, lr, samples):
+        """Whether to apply the optimizer step (the loss and the global gradient norm are finite)."""
+        if finite and math.isfinite(grad_norm):
+            return True
+        self.skips += 1
+        log.warning("non-finite loss or gradient at step %d (rank %d, lr %.3g, grad norm %s, samples %s); "
+                    "skipped (%d of at most %d)", step, dist.get_rank(), lr, grad_norm, samples[:8], self.skips,
+                    self.max_skips)
+        if self.skips > self.max_skips:
+            log.error("more than --max-skips=%d non-finite steps: aborting without a checkpoint", self.max_skips)
+            sys.exit(3)
+        return False
+
+    def stopping(self):
+        return agree(self.signal != 0)[0]
+
+    def exit(self, step):
+        log.warning("stopping on a signal after step %d", step)
+        shutdown()
+        sys.exit(130 if self.signal == signal.SIGINT else 143)
 
 
 def all_reduce_mean(values):
@@ -217,11 +287,6 @@ def load_checkpoint(path, model, optimizer):
     return meta
 
 
-def full_model_state_dict(model):
-    """The unsharded model state dict on every rank (CPU tensors), for export."""
-    return get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
-
-
 def consolidate(path):
     """Read a DCP checkpoint directory without a process group -> the full model state dict."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -235,6 +300,6 @@ def consolidate(path):
     return state["model"]
 
 
-__all__ = ["init", "shutdown", "is_main", "mesh", "mixed_precision", "shard", "agree", "all_reduce_mean",
-           "all_gather_with_grad", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "full_model_state_dict", "consolidate"]
+__all__ = ["init", "shutdown", "rank_zero_first", "mixed_precision", "parallelize", "agree", "clip_grad_norm",
+           "Guard", "all_reduce_mean", "all_gather_with_grad", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint", "consolidate"]

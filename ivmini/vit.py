@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 from .config import VisionConfig
@@ -248,7 +247,7 @@ class VideoViT(nn.Module):
         last = cfg.depth + return_idx
         clip_feats, mae_feats, layers = [], [], []
         for i, blk in enumerate(self.blocks[:last + 1]):
-            x = checkpoint(blk, x, use_reentrant=False) if i < cfg.checkpoint_num and self.training else blk(x)
+            x = blk(x)
             if cfg.heads in ("distill", "align") and i in cfg.clip_return_index:
                 clip_feats.append(x)
             if cfg.heads == "distill" and i in cfg.mae_return_index:

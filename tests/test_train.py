@@ -30,12 +30,13 @@ def env():
     return e
 
 
-def train(out, world, *args, nproc=1, check=True, **kw):
+def train(out, world, *args, nproc=1, check=True, inject_nan=None, **kw):
     base = ["train.py", "--stage", "1", "--out", str(out), "--data", os.path.join(world, "annotations", "stage1_train.txt"),
             f"--data-root={world}", "--img-size=56", "--workers=0", "--log-every=1", *args]
     cmd = [sys.executable, *(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
                              if nproc > 1 else []), *base]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, **kw)
+    e = dict(env(), **({"IVMINI_INJECT_NAN": inject_nan} if inject_nan else {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600, **kw)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -96,14 +97,13 @@ def test_unfinished_checkpoints_are_ignored(tmp_path):
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere_or_aborts(tmp_path, world):
-    proc = train(tmp_path / "skip", world, "--max-steps=4", "--batch-size=2", "--fault-nan-step=2",
-                 "--fault-nan-rank=1", nproc=2)
+    proc = train(tmp_path / "skip", world, "--max-steps=4", "--batch-size=2", inject_nan="2:1", nproc=2)
     m = metrics(tmp_path / "skip")
     assert [r["skips"] for r in m] == [0, 0, 1, 1]
     assert "non-finite loss or gradient at step 2" in proc.stderr
     assert all(x == x for r in m for x in (r["loss"],) if r["step"] != 3)
-    proc = train(tmp_path / "abort", world, "--max-steps=4", "--batch-size=2", "--fault-nan-step=1",
-                 "--max-skips=0", "--ckpt-every=1", check=False)
+    proc = train(tmp_path / "abort", world, "--max-steps=4", "--batch-size=2", "--max-skips=0", "--ckpt-every=1",
+                 inject_nan="1", check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "aborting without a checkpoint" in proc.stderr
     assert dist.latest_checkpoint(str(tmp_path / "abort" / "checkpoints")).endswith("step_00000001")
@@ -156,3 +156,51 @@ def test_default_command_runs(tmp_path):
     assert "SMOKE RUN" in proc.stderr and "stage 1: 100%" in proc.stderr
     assert metrics(tmp_path / "run")[-1]["step"] == 3
     assert dist.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("step_00000003")
+
+
+def test_recompute_epochs_and_fixed_lr(tmp_path, world):
+    """--act-ckpt recomputes every Block in the backward and changes nothing else (same losses and weights);
+    --epochs sets the length from the data size; --lr-scaling=none takes base_lr as the rate."""
+    train(tmp_path / "plain", world, "--max-steps=2", "--batch-size=4")
+    train(tmp_path / "ckpt", world, "--max-steps=2", "--batch-size=4", "--act-ckpt=true")
+    assert [m["loss"] for m in metrics(tmp_path / "plain")] == [m["loss"] for m in metrics(tmp_path / "ckpt")]
+    a, b = final_params(tmp_path / "plain"), final_params(tmp_path / "ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(world, "annotations", "stage1_train.txt")) as f:
+        clips = sum(1 for line in f if line.strip())
+    train(tmp_path / "epoch", world, "--epochs=1", "--warmup-epochs=0", "--batch-size=8", "--lr-scaling=none",
+          "--base-lr=0.001", "--min-lr=0.0001")
+    m = metrics(tmp_path / "epoch")
+    assert m[-1]["step"] == clips // 8
+    assert m[0]["lr"] == pytest.approx(0.001) and m[-1]["lr"] < 0.001
+
+
+def test_act_ckpt_recomputes_every_trained_block_and_no_frozen_one():
+    """dist.parallelize finds Blocks by type: with act_ckpt each trained Block runs its forward twice per
+    step (once more in the backward), frozen modules' Blocks once."""
+    script = """
+import torch
+from ivmini import dist
+from ivmini.config import vision_config
+from ivmini.layers import Block
+from ivmini.vit import VideoViT
+dist.init()
+model, frozen = VideoViT(vision_config("tiny", depth=2, img_size=28)), VideoViT(vision_config("tiny", depth=3, img_size=28))
+frozen.requires_grad_(False)
+dist.parallelize(model, [frozen], torch.device("cpu"), act_ckpt=True)
+calls = {"model": 0, "frozen": 0}
+for name, m in (("model", model), ("frozen", frozen)):
+    for b in m.modules():
+        if isinstance(b, Block):
+            b.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
+video = torch.randn(1, 3, 8, 28, 28)
+with torch.no_grad():
+    frozen(video)
+model(video).pooled.sum().backward()
+print(calls["model"], calls["frozen"])
+dist.shutdown()
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["4", "3"], out.stdout

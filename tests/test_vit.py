@@ -249,22 +249,13 @@ def test_meta_construction_then_init(seed):
     assert torch.isfinite(out.mae_align).all()
 
 
-def test_drop_path_and_activation_checkpointing(seed):
+def test_drop_path(seed):
     video = torch.randn(2, 3, 4, 42, 42)
     m = VideoViT(small(heads="none", drop_path_rate=0.5, init_values=1.0)).train()
     a, b = m(video).pooled, m(video).pooled
     assert not torch.allclose(a, b)          # stochastic depth in training
     m.eval()
     assert torch.equal(m(video).pooled, m(video).pooled)
-    plain = VideoViT(small(heads="none"))
-    ckpt = VideoViT(small(heads="none", checkpoint_num=2))
-    ckpt.load_state_dict(plain.state_dict())
-    grads = []
-    for model in (plain.train(), ckpt.train()):
-        model.zero_grad()
-        model(video).pooled.square().sum().backward()
-        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_pool_attention_weights_equal_the_unfused_softmax(seed):
