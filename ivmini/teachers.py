@@ -1,5 +1,5 @@
 """The frozen stage-1 teachers (paper §3.1 stage 1; shared facts §2.1): models only. Their checkpoint
-loaders and `build_teachers` live in ivmini/checkpoint.py (models know tensors, checkpoint.py knows files).
+loaders and `build_teachers` live in ivmini/checkpoint/teachers.py (models know tensors, checkpoint/ knows files).
 
     MultimodalTeacher  InternViT-6B of InternVL-C, run frame by frame (official single_modality
                        models/internvl_clip_vision.py `InternVL_CLIP`, key for key: it *is* a VideoViT

@@ -1,0 +1,50 @@
+"""Checkpoint I/O: every file format and key map ivmini reads or writes, strictly, without flash_attn /
+apex / deepspeed. Models know tensors (their parameter names are chosen so each map is short); this
+package knows files. One module per source, everything importable from ivmini.checkpoint:
+
+    state_dicts.py     reading and checking: read_state_dict, select_prefix, check_keys (every loader's)
+    internvideo2.py    InternVideo2 releases: load_official(kind, state_dict_or_path, **official_ctor_kwargs);
+                       export: a training run -> one file in the official stage-1 layout
+                       (python -m ivmini.checkpoint export RUN OUT)
+    teachers.py        stage-1 teachers: load_internvl_c, load_videomae_v2, load_openai_clip_visual, build_teachers
+
+Loading is strict everywhere: every missing, unexpected or mis-shaped key is an error that names it,
+unless it matches a pattern in `ignore=` (fnmatch syntax; ignored keys keep the model's own values).
+Keys that belong to other parts of a file (a text tower, an MAE decoder) are dropped by name, listed
+in the *_KEYS constants; any other unknown key is an error. Containers {'model'|'module'|'state_dict':
+...} are unwrapped; `.pt/.pth` files are read with torch.load(weights_only=True).
+
+load_official kinds (the official class each reproduces, key for key):
+    "stage1_pretrain"  single_modality PretrainInternVideo2 (student + clip/mae decoders)
+    "finetune"         single_modality InternVideo2 (fc_norm + head)
+    "stage2_vision"    multi_modality PretrainInternVideo2 (backbone + clip decoders [+ image pos embeds])
+    "clip_vision"      multi_modality InternVideo2 of the CLIP variant (backbone + pool)
+The keyword arguments are the official constructor's, with the official defaults; an unknown one is
+an error. ivmini adds `mlp_act` ("gelu_tanh" | "gelu"; default: tanh when use_fused_mlp, which is the
+official default and what the released weights were trained with) and `orig_t_size` (frames of the
+checkpoint's position table, only needed when both frames and resolution differ). Prefixes are
+handled by `prefix=` ("auto": a leading `module.`; then the `vision_encoder.` sub-dict if there is
+one, else per-key `backbone.`/`encoder.` as the official fine-tune loader does). The HF chat naming
+`blocks.N.ls1` is mapped to `blocks.N.ls1.gamma`. Position tables of another frame count or
+resolution are resized (linear in time, bicubic in space). The model is returned in eval mode.
+
+Stage-1 teacher loaders (models in ivmini/teachers.py; teachers are returned frozen, in eval mode):
+    load_internvl_c(teacher, src)          InternVL-C {'module': ...}: drops the text tower (transformer.*,
+                                           text_projection, logit_scale); 2-D patch conv -> Conv3d; pos resize
+    load_videomae_v2(teacher, src)         VideoMAEv2 {'model': ...}: keeps encoder.*, drops decoder.*,
+                                           encoder_to_decoder.*, mask_token; q_bias/v_bias -> qkv.bias;
+                                           position table: the official rule (teachers.videomae_pos_table)
+    load_openai_clip_visual(teacher, src)  OpenAI CLIP: keeps visual.*, drops the text tower; resblocks -> blocks
+    build_teachers(...)                    both teachers, real (paths) or small random ones (smoke runs)
+"""
+from ..teachers import sinusoid_table
+from .internvideo2 import (OFFICIAL_KWARGS, export, load_official, official_config, official_kwargs,
+                           rename_hf_layerscale, resize_pos_embeds)
+from .state_dicts import check_keys, read_state_dict, select_prefix
+from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
+                       inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
+
+__all__ = ["read_state_dict", "select_prefix", "check_keys", "OFFICIAL_KWARGS", "official_config", "load_official",
+           "rename_hf_layerscale", "resize_pos_embeds", "official_kwargs", "export", "INTERNVL_C_TEXT_KEYS",
+           "VIDEOMAE_V2_OTHER_KEYS", "OPENAI_CLIP_TEXT_KEYS", "inflate_patch_weight", "load_internvl_c",
+           "load_videomae_v2", "load_openai_clip_visual", "build_teachers", "sinusoid_table"]
