@@ -5,8 +5,8 @@ shape minimums, register and shared-memory limits, type rules), so a kernel can 
 and still fail to compile on a GPU. This script runs the real compiler (triton.compile to PTX and a
 cubin, with the ptxas that ships with triton) for sm_90/sm_80 and prints registers, spill stack and
 shared memory per variant (spills need cuobjdump, found in the triton wheel when present).
-Default: bf16, one config per kernel, head dim 88 (CI runs this). --all: every autotune config,
-bf16/fp16/fp32 and head dims 64, 88, 128.
+Default: bf16, one config per kernel, head dim 88, attention with and without a bias (CI runs this).
+--all: every autotune config, bf16/fp16/fp32 and head dims 64, 88, 128.
 
 Must run without TRITON_INTERPRET (the @triton.jit objects are then compilable), e.g.
     env -u TRITON_INTERPRET python -m kernels.compile_check
@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from .triton import attention, attn_pool, masked_gather, rms_norm  # noqa: E402
 
 TYPE = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32"}
-FLOAT_ARGS = {"eps", "qk_scale", "sm_scale"}
+FLOAT_ARGS = {"eps", "sm_scale"}
 
 
 def variants(full):
@@ -54,15 +54,27 @@ def variants(full):
                            (attn_pool._attn_pool_bwd_dx_kernel,
                             dict(X="x", DX="x", **f32("G", "M", "MU", "RSTD", "C1", "C2", "R")))):
             yield kern, ptrs, [dict(pool, **c.all_kwargs()) for c in kern.configs[:None if full else 1]], dt
-        for D, causal, kpm in itertools.product((64, 88, 128) if full else (88,), (False, True), (False, True)):
-            if causal and kpm and not full:
-                continue
+        for D, causal, kpm, bias in _attention_variants(full):
             D0, D1 = attention.split_head_dim(D)
-            meta = dict(D=D, D0=D0, D1=D1, IS_CAUSAL=causal, HAS_KPM=kpm, DOT=dt, PRECISION=prec)
-            ptrs = dict(LSE="fp32", DELTA="fp32", KPM="u8", **{n: "x" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")})
+            meta = dict(D=D, D0=D0, D1=D1, IS_CAUSAL=causal, HAS_KPM=kpm, HAS_BIAS=bias, DOT=dt, PRECISION=prec)
+            ptrs = dict(LSE="fp32", DELTA="fp32", KPM="u8", DBIAS="fp32",
+                        **{n: "x" for n in ("Q", "K", "V", "BIAS", "O", "DO", "DQ", "DK", "DV")})
             for kern in (attention._attention_fwd_kernel, attention._attention_bwd_dkdv_kernel,
                          attention._attention_bwd_dq_kernel):
-                yield kern, ptrs, [dict(meta, **c.all_kwargs()) for c in kern.configs[:None if full else 1]], dt
+                kmeta = dict(meta, BIAS_GRAD=bias) if kern is attention._attention_bwd_dq_kernel else meta
+                yield kern, ptrs, [dict(kmeta, **c.all_kwargs()) for c in kern.configs[:None if full else 1]], dt
+
+
+def _attention_variants(full):
+    """(head dim, causal, key padding, bias): every mask combination without a bias, and a bias (with its
+    gradient in the dQ kernel) alone and with both masks; --all at d = 64, 88, 128, else at d = 88 only, and
+    without the causal + padding pair."""
+    for D in (64, 88, 128) if full else (88,):
+        for causal, kpm in itertools.product((False, True), (False, True)):
+            if full or not (causal and kpm):
+                yield D, causal, kpm, False
+        yield D, False, False, True
+        yield D, True, True, True
 
 
 def _cuobjdump():

@@ -4,7 +4,8 @@ On a CUDA machine (made for H100/H200; no network needed, < 8 minutes), from the
   1. builds the CUDA extension (csrc/, `python -m kernels.cuda build`, for this GPU's architecture
      unless IVMINI_CUDA_ARCH says otherwise) and, where compute-sanitizer exists, runs its memcheck and
      racecheck tools on `python -m kernels.cuda selftest` (one small case of every CUDA kernel),
-  2. runs the kernel tests on the GPU (tests/test_triton_*.py, tests/test_cuda_*.py, tests/test_ref_ops.py:
+  2. runs the kernel tests on the GPU (tests/test_<op>.py, tests/test_triton_*.py, tests/test_cuda_*.py,
+     tests/test_ref_ops.py:
      bf16 and fp16 at real shapes against the float64 reference),
   3. runs `python -m kernels.bench all` (ref, torch, triton and cuda columns),
   4. writes DIR/<device>-<date>.json with the device, date, commit, the build and sanitizer results, the
@@ -63,7 +64,8 @@ def run_sanitizer(timeout):
 
 
 def run_tests(timeout):
-    files = sorted(glob.glob("tests/test_triton_*.py") + glob.glob("tests/test_cuda_*.py")) + ["tests/test_ref_ops.py"]
+    files = [f"tests/test_{op}.py" for op in ("attention", "rms_norm", "attn_pool", "masked_gather")] + sorted(
+        glob.glob("tests/test_triton_*.py") + glob.glob("tests/test_cuda_*.py")) + ["tests/test_ref_ops.py"]
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           capture_output=True, text=True, timeout=timeout)

@@ -9,6 +9,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# shared by the per-op tests (tests/test_<op>.py): the device, and the compiled backends each op is tested on
+# (against kernels.ref in float64); "cuda" runs only on a GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not GPU, reason="the cuda backend runs on a GPU only"))
+BACKENDS = ["triton", CUDA, "torch"]
+
 
 @pytest.fixture
 def seed():
@@ -17,3 +25,13 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture(params=["ref", "torch", "triton"])
+def cpu_backend(request, monkeypatch):
+    """Runs a test once per kernels backend that computes on CPU tensors (triton under the interpreter):
+    the golden tests against the official code hold on each."""
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1, set only without a GPU)")
+    monkeypatch.setenv("IVMINI_BACKEND", request.param)
+    return request.param

@@ -12,7 +12,7 @@ reference, with NaN-poisoned outputs and canaries around every tensor (tests/cud
 rms_norm.cu, masked_gather.cu, attn_pool.cu: forward and backward entry points on fresh random inputs, the
 same way (tests/cuda_emu/memory_ops_check.cpp; the cases are listed above MEMORY_OPS below).
 What this cannot see: the real instruction semantics (the emulation is written from the PTX ISA tables),
-timing, and compiler-specific behaviour; tests/test_cuda_ops.py on a GPU is the final word."""
+timing, and compiler-specific behaviour; the backend="cuda" cases of tests/test_<op>.py on a GPU are the final word."""
 import os
 import re
 import shutil

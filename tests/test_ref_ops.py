@@ -1,7 +1,9 @@
 """kernels.ref (the specification) against independent float64 computations, and its gradients.
 
 The independent versions below are written differently on purpose: numpy, explicit loops, masks
-built element by element from the rule in the docstring, LayerNorm/softmax by hand.
+built element by element from the rule in the docstring, LayerNorm/softmax by hand. Calls through
+kernels.<op> name backend="ref", so that the shared argument checks are on the way but the numbers are
+the reference's (the other backends are tested against it in tests/test_<op>.py).
 """
 import math
 
@@ -16,20 +18,21 @@ from kernels import ref
 # ---------------------------------------------------------------------------------------------
 # attention
 
-def attention_np(q, k, v, causal, kpm, scale):
+def attention_np(q, k, v, causal, kpm, scale, bias=None):
     q, k, v = (t.double().numpy() for t in (q, k, v))
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    bias = np.zeros((B, Hq, Nq, Nk)) if bias is None else np.broadcast_to(bias.double().numpy(), (B, Hq, Nq, Nk))
     out = np.zeros_like(q)
     for b in range(B):
         for h in range(Hq):
             kh = h // (Hq // Hkv)
             for i in range(Nq):
-                keys = [j for j in range(Nk)
-                        if (not causal or j <= i + Nk - Nq) and (kpm is None or bool(kpm[b, j]))]
+                keys = [j for j in range(Nk) if (not causal or j <= i + Nk - Nq)
+                        and (kpm is None or bool(kpm[b, j])) and bias[b, h, i, j] != -np.inf]
                 if not keys:
-                    continue  # no visible key: zeros
-                s = np.array([q[b, h, i] @ k[b, kh, j] * scale for j in keys])
+                    continue  # no visible key (masked, or a bias of -inf): zeros
+                s = np.array([q[b, h, i] @ k[b, kh, j] * scale + bias[b, h, i, j] for j in keys])
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 out[b, h, i] = sum(pj * v[b, kh, j] for pj, j in zip(p, keys))
@@ -55,9 +58,41 @@ def test_attention_matches_independent_float64(seed, B, Hq, Hkv, Nq, Nk, D, caus
     want = attention_np(q, k, v, causal, kpm, scale)
     got = ref.attention(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=kpm, scale=scale)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    got32 = kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale)
+    got32 = kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm, scale=scale, backend="ref")
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 3, 6, 11), (1, 3, 6, 11), (2, 1, 1, 11), (6, 11), (11,)])
+def test_attention_bias_matches_independent_float64(seed, bias_shape):
+    """An additive bias in every broadcast shape, with -inf entries (one row -inf on every key), on top of causal
+    (Nq < Nk) and key padding."""
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
+    kpm = torch.rand(2, 11) > 0.3
+    bias = torch.randn(bias_shape) * 3
+    bias[..., 2] = float("-inf")
+    row_bias = len(bias_shape) >= 2 and bias_shape[-2] > 1
+    if row_bias:
+        bias[..., 4, :] = float("-inf")          # query row 4 sees no key
+    want = attention_np(q, k, v, True, kpm, 0.4, bias)
+    got = ref.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=kpm, scale=0.4,
+                        bias=bias.double())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got32 = kernels.attention(q, k, v, causal=True, key_padding_mask=kpm, scale=0.4, bias=bias, backend="ref")
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
+    if row_bias:
+        assert torch.all(got[:, :, 4] == 0)
+
+
+def test_attention_bias_lse(seed):
+    """lse is the log-sum-exp of the biased, scaled, masked scores (-inf for a row that sees nothing)."""
+    q, k, v = torch.randn(1, 2, 5, 8).double(), torch.randn(1, 2, 7, 8).double(), torch.randn(1, 2, 7, 8).double()
+    bias = torch.randn(2, 5, 7).double()
+    bias[1, 3] = float("-inf")
+    _, lse = ref.attention(q, k, v, bias=bias, return_lse=True)
+    want = torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1)
+    torch.testing.assert_close(lse, want)
+    assert lse[0, 1, 3] == float("-inf")
 
 
 def test_attention_lse_and_default_scale(seed):
@@ -72,7 +107,7 @@ def test_attention_lse_and_default_scale(seed):
 
 def test_attention_fp16_output_dtype(seed):
     q, k, v = (torch.randn(1, 2, 9, 16).half() for _ in range(3))
-    o = kernels.attention(q, k, v)
+    o = kernels.attention(q, k, v, backend="ref")
     assert o.dtype == torch.float16
     torch.testing.assert_close(o.double(), attention_np(q, k, v, False, None, 0.25), rtol=2e-3, atol=2e-3)
 
@@ -84,13 +119,33 @@ def test_attention_gradcheck(seed, causal, padding, Nq, Nk, Hkv):
     v = torch.randn(1, Hkv, Nk, 4, dtype=torch.float64, requires_grad=True)
     kpm = torch.tensor([[True, False] * (Nk // 2) + [True] * (Nk % 2)]) if padding else None
     assert torch.autograd.gradcheck(
-        lambda q, k, v: kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm), (q, k, v))
+        lambda q, k, v: kernels.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="ref"), (q, k, v))
+
+
+@pytest.mark.parametrize("bias_shape,causal,padding", [((1, 2, 5, 7), True, True), ((5, 7), False, True),
+                                                        ((2, 1, 1, 7), False, False)])
+def test_attention_gradcheck_with_bias(seed, bias_shape, causal, padding):
+    """Every gradient, the bias's included, for broadcast biases with -inf entries and a row -inf everywhere."""
+    q = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 7, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 7, 4, dtype=torch.float64, requires_grad=True)
+    kpm = torch.tensor([[True, False, True, True, False, True, True]] * 2) if padding else None
+    bias = torch.randn(bias_shape, dtype=torch.float64)
+    bias[..., 3] = float("-inf")
+    if bias.shape[-2] > 1:
+        bias[..., 1, :] = float("-inf")
+    bias.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: ref.attention(q, k, v, causal=causal, key_padding_mask=kpm, bias=b), (q, k, v, bias))
+    o = ref.attention(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias)
+    o.sum().backward()
+    assert torch.isfinite(bias.grad).all() and torch.all(bias.grad[..., 3] == 0)
 
 
 def test_attention_fully_masked_rows_have_zero_output_and_grad():
     q = torch.randn(1, 1, 4, 8, requires_grad=True)
     k, v = torch.randn(1, 1, 2, 8, requires_grad=True), torch.randn(1, 1, 2, 8, requires_grad=True)
-    o = kernels.attention(q, k, v, causal=True)  # queries 0, 1 see no key (bottom-right alignment)
+    o = kernels.attention(q, k, v, causal=True, backend="ref")  # queries 0, 1 see no key (bottom-right alignment)
     assert torch.all(o[:, :, :2] == 0) and torch.all(o[:, :, 2:] != 0)
     o.sum().backward()
     assert torch.all(q.grad[:, :, :2] == 0) and torch.isfinite(q.grad).all()
@@ -106,12 +161,13 @@ def test_rms_norm_matches_independent_float64(seed, shape):
     xn = x.double().numpy()
     want = w.double().numpy() * xn / np.sqrt((xn ** 2).mean(-1, keepdims=True) + 1e-6)
     torch.testing.assert_close(ref.rms_norm(x.double(), w.double()), torch.from_numpy(want), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kernels.rms_norm(x, w).double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    got32 = kernels.rms_norm(x, w, backend="ref")
+    torch.testing.assert_close(got32.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
 
 
 def test_rms_norm_low_precision_follows_official_rounding(seed):
     x, w = torch.randn(4, 64).half() * 5, torch.randn(64).half()
-    y = kernels.rms_norm(x, w, 1e-6)
+    y = kernels.rms_norm(x, w, 1e-6, backend="ref")
     assert y.dtype == torch.float16
     xf = x.float()  # the official RMSNorm: fp32 statistics, cast back, then the weight multiply in fp16
     official = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.float16)
@@ -121,7 +177,7 @@ def test_rms_norm_low_precision_follows_official_rounding(seed):
 def test_rms_norm_gradcheck(seed):
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: kernels.rms_norm(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: kernels.rms_norm(x, w, 1e-5, backend="ref"), (x, w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,14 +221,14 @@ def test_attn_pool_matches_independent_float64(seed, B, N, C, H, out):
     p = pool_params(C, out, H)
     want = attn_pool_np(x, p, H)
     torch.testing.assert_close(ref.attn_pool(x, *p.values(), num_heads=H), want, rtol=1e-10, atol=1e-10)
-    got32 = kernels.attn_pool(x.float(), *(t.float() for t in p.values()), num_heads=H)
+    got32 = kernels.attn_pool(x.float(), *(t.float() for t in p.values()), num_heads=H, backend="ref")
     torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_attn_pool_gradcheck_every_input(seed):
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     p = {k: v.requires_grad_() for k, v in pool_params(12, 6, 4).items()}  # head dim 3
-    assert torch.autograd.gradcheck(lambda *a: kernels.attn_pool(*a, num_heads=4), (x, *p.values()))
+    assert torch.autograd.gradcheck(lambda *a: kernels.attn_pool(*a, num_heads=4, backend="ref"), (x, *p.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,17 +245,17 @@ def test_masked_gather_matches_loops(seed):
     for b in range(B):
         for j in range(K):
             want[b, j] = x[b, idx[b, j]] + pos[0, idx[b, j]]
-    assert torch.equal(kernels.masked_gather(x, idx, pos), want)
-    assert torch.equal(kernels.masked_gather(x, idx), want - pos[0][idx])
+    assert torch.equal(kernels.masked_gather(x, idx, pos, backend="ref"), want)
+    assert torch.equal(kernels.masked_gather(x, idx, backend="ref"), want - pos[0][idx])
 
 
 def test_masked_gather_stacked_layers(seed):
     L, B, N, C, K = 3, 2, 7, 4, 3
     x, pos, idx = torch.randn(L, B, N, C), torch.randn(1, N, C), sorted_idx(B, N, K)
-    out = kernels.masked_gather(x, idx, pos)
+    out = kernels.masked_gather(x, idx, pos, backend="ref")
     assert out.shape == (L, B, K, C)
     for layer in range(L):
-        assert torch.equal(out[layer], kernels.masked_gather(x[layer], idx, pos))
+        assert torch.equal(out[layer], kernels.masked_gather(x[layer], idx, pos, backend="ref"))
     with pytest.raises(ValueError, match="differ in batch size"):
         kernels.masked_gather(x, sorted_idx(B + 1, N, K))
 
@@ -208,14 +264,14 @@ def test_masked_gather_gradcheck(seed):
     x = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(1, 9, 3, dtype=torch.float64, requires_grad=True)
     idx = sorted_idx(2, 9, 4)
-    assert torch.autograd.gradcheck(lambda x, p: kernels.masked_gather(x, idx, p), (x, pos))
+    assert torch.autograd.gradcheck(lambda x, p: kernels.masked_gather(x, idx, p, backend="ref"), (x, pos))
 
 
 def test_masked_gather_backward_scatters_and_reduces_pos_grad():
     x = torch.zeros(2, 4, 1, requires_grad=True)
     pos = torch.zeros(1, 4, 1, requires_grad=True)
     idx = torch.tensor([[0, 2], [2, 3]])
-    kernels.masked_gather(x, idx, pos).sum().backward()
+    kernels.masked_gather(x, idx, pos, backend="ref").sum().backward()
     assert x.grad.flatten().tolist() == [1, 0, 1, 0, 0, 0, 1, 1]
     assert pos.grad.flatten().tolist() == [1, 0, 2, 1]
 

@@ -1,14 +1,15 @@
-"""Triton RMSNorm against kernels.ref evaluated in float64: output and both gradients, odd widths,
-several rows per program and one, poisoned outputs. On CPU this runs under the Triton interpreter."""
+"""kernels.rms_norm on every backend ("triton", "cuda", "torch") against kernels.ref evaluated in float64: output
+and both gradients, odd widths, several rows per program and one, strided and unaligned rows, poisoned outputs.
+On CPU the Triton kernels run under the interpreter; the cuda cases need a GPU (the CUDA build and its CPU
+emulation are tested in test_cuda_build.py and test_cuda_emulated.py)."""
 import pytest
 import torch
 
 import kernels
 from kernels import ref
 from kernels.common import poison_outputs
+from conftest import BACKENDS, DEVICE, DTYPES, GPU
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -18,13 +19,15 @@ def check(got, want, dtype, what):
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9, 88), (130, 384), (5, 1408), (2, 3200), (1, 8192)])
-def test_rms_norm_fwd_bwd(seed, shape, dtype):
-    run_and_check(shape, dtype)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9, 88), (130, 384), (5, 1408), (2, 3200), (1, 8192),
+                                   (3, 7, 13)])
+def test_rms_norm_fwd_bwd(seed, backend, shape, dtype):
+    run_and_check(shape, dtype, backend)
 
 
-def run_and_check(shape, dtype, backend="triton"):
+def run_and_check(shape, dtype, backend):
     """`backend` forward + backward with poisoned outputs; y, dx, dw against the float64 reference."""
     x = (torch.randn(*shape, device=DEVICE) * 3).to(dtype).requires_grad_()
     w = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_()
@@ -41,11 +44,18 @@ def run_and_check(shape, dtype, backend="triton"):
     check(w.grad, wd.grad, dtype, "dw")
 
 
-def test_rms_norm_strided_rows_and_errors(seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,stride,start,C", [(torch.float32, 40, 0, 33), (torch.float16, 1411, 3, 1408)])
+def test_rms_norm_strided_rows(seed, backend, dtype, stride, start, C):
+    """Rows with a stride, the second case not 16-byte aligned: read in place, without a copy."""
+    base = torch.randn(7, stride, device=DEVICE).to(dtype)
+    x = base[:, start:start + C]
+    w = torch.randn(C, device=DEVICE).to(dtype)
+    check(kernels.rms_norm(x, w, backend=backend), ref.rms_norm(x.double(), w.double()), dtype, "y")
+
+
+def test_rms_norm_triton_errors():
     base = torch.randn(6, 40, device=DEVICE)
-    x = base[:, :33]                        # rows with a stride of 40: handled without a copy
-    w = torch.randn(33, device=DEVICE)
-    torch.testing.assert_close(kernels.rms_norm(x, w, backend="triton"), ref.rms_norm(x, w))
     with pytest.raises(ValueError, match="contiguous in its last dim"):
         kernels.rms_norm(base.t(), torch.ones(6, device=DEVICE), backend="triton")
     with pytest.raises(TypeError, match="float64"):
@@ -58,8 +68,9 @@ def test_rms_norm_bf16_upcast_path(seed):
     check(kernels.rms_norm(x, w, backend="triton"), ref.rms_norm(x.double(), w.double()), torch.bfloat16, "y")
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="real InternVideo2 shapes need a GPU")
+@pytest.mark.skipif(not GPU, reason="real InternVideo2 shapes need a GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(32, 417, 1408), (8, 2049, 3200)])
-def test_rms_norm_real_shapes_gpu(seed, shape, dtype):
-    test_rms_norm_fwd_bwd(seed, shape, dtype)
+def test_rms_norm_real_shapes_gpu(seed, backend, shape, dtype):
+    run_and_check(shape, dtype, backend)
