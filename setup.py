@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["ivmini", "ivmini.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",        # SDPA with enable_gqa (the torch backend)
         "triton>=3.2",
         "numpy",
         "einops",

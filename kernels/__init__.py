@@ -7,10 +7,11 @@
     masked_gather(x, visible_idx, pos_embed=None, *, backend=None)
     masked_visible_idx(mask, num_visible=None)      (helper: official boolean mask -> visible_idx)
 
-Semantics are defined once, by kernels/ref.py. Backends: "ref" (that file, any device), "triton"
-(kernels/triton/<op>.py), "cuda" (csrc/<op>.cu via kernels/cuda/). Choice, first match wins: the `backend=`
-argument, the IVMINI_BACKEND environment variable, else "triton" for CUDA tensors and "ref"
-otherwise. The choice is logged once per op. A backend that cannot run the call (not built, wrong
+Semantics are defined once, by kernels/ref.py. Backends: "ref" (that file: the readable spec, any device),
+"torch" (kernels/torch_ops.py: torch's fused paths, any device; the CPU default), "triton"
+(kernels/triton/<op>.py; the CUDA default), "cuda" (csrc/<op>.cu via kernels/cuda/). Choice, first match
+wins: the `backend=` argument, the IVMINI_BACKEND environment variable, else "triton" for CUDA tensors and
+"torch" otherwise. The choice is logged once per op. A backend that cannot run the call (not built, wrong
 device, op not implemented there) is an error: there is no silent fallback that changes numerics.
 
 Note on the name: PyPI also has an unrelated project called `kernels`. ivmini's `kernels` package is
@@ -28,7 +29,7 @@ from . import ref
 __all__ = ["attention", "rms_norm", "attn_pool", "masked_gather", "masked_visible_idx",
            "BACKENDS", "BackendUnavailable", "register", "resolve_backend"]
 
-BACKENDS = ("ref", "triton", "cuda")
+BACKENDS = ("ref", "torch", "triton", "cuda")
 log = logging.getLogger("ivmini.kernels")
 
 
@@ -40,7 +41,8 @@ class BackendUnavailable(RuntimeError):
 _IMPLS = {op: {"ref": getattr(ref, op)} for op in ("attention", "rms_norm", "attn_pool", "masked_gather")}
 # modules that register a backend's ops when imported (imported lazily, so that `import kernels`
 # never needs triton, nvcc or a GPU)
-_BACKEND_MODULES = {"triton": ("triton.attention", "triton.rms_norm", "triton.masked_gather", "triton.attn_pool"),
+_BACKEND_MODULES = {"torch": ("torch_ops",),
+                    "triton": ("triton.attention", "triton.rms_norm", "triton.masked_gather", "triton.attn_pool"),
                     "cuda": ("cuda.ops",)}
 _LOADED = set()
 _LOGGED = set()
@@ -76,7 +78,7 @@ def resolve_backend(op, backend, device):
     elif os.environ.get("IVMINI_BACKEND"):
         name, why = os.environ["IVMINI_BACKEND"], "IVMINI_BACKEND"
     else:
-        name, why = ("triton" if device.type == "cuda" else "ref"), f"default for {device.type} tensors"
+        name, why = ("triton" if device.type == "cuda" else "torch"), f"default for {device.type} tensors"
     if name not in BACKENDS:
         raise ValueError(f"unknown kernels backend {name!r} (from {why}); choose one of {BACKENDS}")
     if name != "ref":

@@ -1,8 +1,8 @@
-"""Pure-torch references of the four ivmini ops: the specification and the CPU backend.
+"""Pure-torch references of the four ivmini ops: the specification every backend is tested against.
 
-Every backend (Triton in kernels/*.py, CUDA in csrc/) is tested against these functions, evaluated
-in float64. They are written to be read, not to be fast: fp32 math (float64 when given float64),
-result cast back to the input dtype, gradients by autograd.
+Every backend (torch in kernels/torch_ops.py, Triton in kernels/triton/, CUDA in csrc/) is tested against
+these functions, evaluated in float64. They are written to be read, not to be fast: fp32 math (float64
+when given float64), result cast back to the input dtype, gradients by autograd.
 
     attention      softmax(q k^T * scale + bias) v  with causal / key-padding masks and GQA
     rms_norm       weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)   (InternVideo2 RMSNorm)
