@@ -58,7 +58,7 @@ def close(a, b):
 # numerical equality with the official classes
 
 @pytest.mark.parametrize("tag", ["plain", "fused"])
-def test_stage1_pretrain_equals_official(tag):
+def test_stage1_pretrain_equals_official(tag, cpu_backend):
     kw = dict(COMMON, **CLIP, **MAE, **(FUSED_OFF if tag == "plain" else {}))
     video, mask = inputs(1)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_stage1_pretrain_equals_official(tag):
 
 
 @pytest.mark.parametrize("tag", ["plain", "fused"])
-def test_finetune_and_clip_vision_equal_official(tag):
+def test_finetune_and_clip_vision_equal_official(tag, cpu_backend):
     flags = FUSED_OFF if tag == "plain" else {}
     kw = dict(COMMON, num_classes=5, **flags)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_finetune_and_clip_vision_equal_official(tag):
 
 @pytest.mark.parametrize("tag", ["plain", "fused"])
 @pytest.mark.parametrize("sep", [True, False])
-def test_stage2_vision_equals_official(tag, sep):
+def test_stage2_vision_equals_official(tag, sep, cpu_backend):
     kw = dict(COMMON, sep_image_video_pos_embed=sep, **CLIP, **(FUSED_OFF if tag == "plain" else {}))
     m = load_official("stage2_vision", rand_sd("stage2_vision", kw, 3), **kw)
     video, mask = inputs(3)
