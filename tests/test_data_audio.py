@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ivmini.data import DecodeError, audio
+from ivmini.data import DecodeError, audio, video
+from test_data_video import fifo_is_never_opened
 
 
 def write_audio(path, codec: str, sr: int, tracks: np.ndarray, fmt=None):
@@ -114,10 +115,26 @@ def test_read_audio_errors(tmp_path):
             c.mux(p)
     text = tmp_path / "text.m4a"
     text.write_text("not audio\n" * 50)
-    for path, reason in [(silent, "no audio stream"), (text, "cannot open"), (tmp_path / "missing.wav", "cannot open")]:
+    notes = tmp_path / "notes.txt"  # FFmpeg's tty demuxer opens any .txt (as video frames)
+    notes.write_text("not audio\n" * 50)
+    for path, reason in [(silent, "no audio stream"), (text, "cannot open"), (tmp_path / "missing.wav", "cannot open"),
+                         (notes, "is a text file"), (tmp_path, "is a directory")]:
         with pytest.raises(DecodeError, match=reason) as e:
             audio.read_audio(path)
         assert str(path) in str(e.value)
+    fifo = tmp_path / "sound.wav"
+    os.mkfifo(fifo)
+    fifo_is_never_opened(fifo, audio.read_audio)
+
+
+def test_read_audio_time_limit(tmp_path, monkeypatch):
+    path = tmp_path / "tone.mp4"
+    write_audio(path, "aac", 16000, tone(440, 16000, 16000)[None])  # 1 s: 16 packets of 1024 samples
+    clock = iter(range(10**6))
+    monkeypatch.setattr(video, "monotonic", lambda: next(clock))  # 1 s per look at the clock
+    with pytest.raises(DecodeError, match="time limit of 10 s"):
+        audio.read_audio(path, timeout=10)
+    assert len(audio.read_audio(path, timeout=None)) == 16000
 
 
 # ---------------------------------------------------------------------------------------------- fbank

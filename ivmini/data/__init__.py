@@ -1,7 +1,8 @@
 """Data: decoding, features, augmentation and datasets for all three stages.
 
 Modules:
-  video      - frame sampling (official `get_frame_indices`) and PyAV decoding of the sampled frames
+  video      - frame sampling (official `get_frame_indices`) and PyAV decoding of the sampled frames;
+               only real videos are videos (not text, pictures, single frames or non-regular files)
   audio      - PyAV audio decoding to 16 kHz mono, a pure-torch Kaldi fbank, the BEATs input features
   transforms - the train/test image transforms of the official pipelines
   datasets   - annotation formats (json/csv) of the official repo turned into torch Datasets

@@ -27,7 +27,8 @@ Differences from the official loader, all deliberate:
   are in ms too, so nothing is trimmed there. Opus and flac come out exact, because the decoder drops
   the padding the container marks. AAC in mkv keeps its tail.
 - The whole track is decoded and then cut, not seeked. Decoding and resampling 60 s of 48 kHz
-  stereo AAC took 80-130 ms on this 2-core CPU.
+  stereo AAC took 80-130 ms on this 2-core CPU. Like the video reader, a read has a time limit
+  (`timeout`, checked between packets), and only regular files that are not text are opened.
 """
 import math
 from fractions import Fraction
@@ -36,19 +37,20 @@ import av
 import numpy as np
 import torch
 
-from ivmini.data.video import AV_ERRORS, DecodeError, open_media
+from ivmini.data.video import AV_ERRORS, DEFAULT_TIMEOUT, Deadline, DecodeError, open_media
 
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # official normalisation of BEATs inputs
 NUM_FRAMES = 998  # official fbank length: 10 s of 16 kHz audio
 
 
-def read_audio(path, sr: int = 16000, max_seconds: float = 10, rng=None) -> torch.Tensor:
+def read_audio(path, sr: int = 16000, max_seconds: float = 10, rng=None, timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
     """First audio stream of `path` -> float32 (L,) mono at `sr` Hz, at most max_seconds long.
 
     A longer stream gives a window of max_seconds: at a uniformly random start if rng
     (numpy.random.Generator) is given, else at 0. No padding. DecodeError if there is no
-    decodable audio.
+    decodable audio, or after `timeout` seconds (None: no limit).
     """
+    deadline = Deadline(path, timeout)
     with open_media(path) as container:
         if not container.streams.audio:
             raise DecodeError(path, "no audio stream")
@@ -59,6 +61,7 @@ def read_audio(path, sr: int = 16000, max_seconds: float = 10, rng=None) -> torc
         first, end = None, None  # pts of the first decoded frame; end of the last packet (stream ticks)
         try:
             for packet in container.demux(stream):
+                deadline.check()
                 if packet.pts is not None and packet.duration:
                     end = packet.pts + packet.duration if end is None else max(end, packet.pts + packet.duration)
                 for frame in packet.decode():  # the final empty packet flushes the decoder

@@ -9,22 +9,31 @@ Formats (paths relative to a data root; the synthetic world writes all of them):
     eval JSON         [{"video": path, "caption": str | [str, ...]}]  (VINDLU, retrieval/zero-shot)
     classify CSV      "path,label" per line (Kinetics_sparse)
     instruct JSON     [{"video": path, "QA": [{"i", "q", "a", ...}, ...]}]  (VideoChat2 instruction data)
-Captions are cleaned with `pre_text`, identical to the official one.
+Captions are cleaned with `pre_text`, identical to the official one. Every reader checks the file
+first and raises naming it: a directory, a video or other binary file (passed where the list belongs),
+a file without samples.
 
-Robust loading: a video or audio that cannot be decoded (ivmini.data.DecodeError, and only that) is
-skipped: the sample is replaced by the next index, the path is recorded and reported with the batch
-(key "skipped"), and once more than `max_fail_fraction` of the dataset has failed (per process) a
-RuntimeError names examples. Never an endless random retry.
+Robust loading: a video or audio that cannot be decoded (ivmini.data.DecodeError, and only that; a
+text file, a picture, a FIFO or a read past the time limit are DecodeErrors too, see video.py) is
+skipped: the sample is replaced by the next index, and the batch reports every skipped record as a
+(path, reason) pair under "skipped". __getitem__ tries each record at most once, then raises DataError
+naming examples: never an endless retry. How many failures are too many is not decided here, because
+each DataLoader worker holds its own copy of the dataset: the training loop (and eval) counts samples
+drawn and failed over workers, epochs and ranks, and DecodeFailures applies the rule (default: more
+than 1 % of the drawn samples, after a grace of 10 failures).
 
 Determinism: each sample's randomness (frame choice, crop, flip, audio window, caption choice) comes
 from a numpy Generator seeded with (seed, epoch, index), so it does not depend on worker count or
 order; ShardedSampler gives each rank its slice of a per-epoch permutation and can start mid-epoch,
 so a resumed run sees exactly the samples it would have seen.
 """
+import codecs
 import csv
 import json
 import os
 import re
+import signal
+import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,7 +42,13 @@ import torch
 
 from .audio import audio_features, read_audio
 from .transforms import get_transform, make_rng
-from .video import DecodeError, read_frames
+from .video import DEFAULT_TIMEOUT, DecodeError, read_frames, read_image
+
+DATA_HINT = "pass the list with --data and the videos' folder with --data-root"
+
+
+class DataError(RuntimeError):
+    """Too many samples could not be decoded (DecodeFailures.check), or none at all (VideoDataset)."""
 
 
 def pre_text(text, max_l=None):
@@ -67,9 +82,39 @@ def _fail(path, lineno, msg):
     raise ValueError(f"{path}:{lineno}: {msg}")
 
 
+def open_annotations(path, newline=None):
+    """open() of an annotation file for reading (UTF-8 text), after the checks every reader shares:
+    it exists, is a regular file, not a directory, and its first 4 kB are text (no NUL byte, valid
+    UTF-8). Each failed check raises naming the file and the likely mix-up."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a directory, not an annotation file: {DATA_HINT}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file, not an annotation file: {DATA_HINT}")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # the 4 kB may end inside a character
+        text = b"\0" not in head
+    except UnicodeDecodeError:
+        text = False
+    if not text:
+        raise ValueError(f"{path} looks like a video (binary data), not an annotation list: {DATA_HINT}")
+    return open(path, newline=newline, encoding="utf-8")
+
+
+def _some(path, records):
+    """The records, or a ValueError naming the annotation file when it holds none."""
+    if not records:
+        raise ValueError(f"{path} holds no samples")
+    return records
+
+
 def read_stage1_list(path, sep=" "):
     records = []
-    with open(path) as f:
+    with open_annotations(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.strip().split(sep) if sep != " " else line.split()
             if not parts or parts == [""]:
@@ -85,12 +130,16 @@ def read_stage1_list(path, sep=" "):
             window = total != -1 and start != -1 and end != -1
             records.append(Record(vid, label=label, source=source, start=start if window else None,
                                   end=end if window else None))
-    return records
+    return _some(path, records)
 
 
 def _load_json_list(path):
-    with open(path) as f:
-        data = json.load(f)
+    with open_annotations(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if text.strip() else []  # an empty file holds no samples, like "[]"
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
     return data
@@ -108,7 +157,7 @@ def read_stage2_json(path):
             _fail(path, i, f"entry has no caption: {item}")
         records.append(Record(item[media], media=media, captions=caps, caption_list=alts,
                               start=item.get("start"), end=item.get("end")))
-    return records
+    return _some(path, records)
 
 
 def read_eval_json(path):
@@ -118,12 +167,12 @@ def read_eval_json(path):
             _fail(path, i, f"entry needs 'video' and 'caption': {item}")
         caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
         records.append(Record(item["video"], caption_list=[pre_text(c) for c in caps]))
-    return records
+    return _some(path, records)
 
 
 def read_classify_csv(path, sep=","):
     records = []
-    with open(path, newline="") as f:
+    with open_annotations(path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f, delimiter=sep), 1):
             if not row:
                 continue
@@ -133,7 +182,7 @@ def read_classify_csv(path, sep=","):
                 records.append(Record(row[0], label=int(row[1])))
             except ValueError:
                 _fail(path, lineno, f"label must be an int, got {row[1]!r}")
-    return records
+    return _some(path, records)
 
 
 def read_instruct_json(path):
@@ -142,7 +191,7 @@ def read_instruct_json(path):
         if "video" not in item or not item.get("QA"):
             _fail(path, i, f"entry needs 'video' and a non-empty 'QA' list: {item}")
         records.append(Record(item["video"], qa=item["QA"]))
-    return records
+    return _some(path, records)
 
 
 # sources whose labels depend on left/right: never flipped (official: "ssv2"; the synthetic world)
@@ -160,19 +209,20 @@ class VideoDataset(torch.utils.data.Dataset):
 
     transform: "stage1" | "stage2" | "test" (see transforms.py); sample: "rand" | "middle";
     flip=False turns horizontal flips off for every record (e.g. the synthetic world's stage-2 JSON).
+    timeout: seconds each file read of a sample (its video or image, then its audio) may take, default
+    60 s; a slower read is a DecodeError and the record is skipped. "skipped": [(path, reason), ...] of
+    the records that failed before this one was loaded (module docstring).
     """
 
     def __init__(self, records, root, *, num_frames, size, transform="stage1", sample="rand", audio=False,
-                 flip=True, seed=0, max_fail_fraction=0.01, max_audio_seconds=10):
+                 flip=True, seed=0, max_audio_seconds=10, timeout=DEFAULT_TIMEOUT):
         if not records:
             raise ValueError(f"no records to load (data root {root})")
         self.records, self.root = records, root
         self.num_frames, self.size, self.sample, self.audio, self.flip = num_frames, size, sample, audio, flip
         self.transform = get_transform(transform)
         self.seed, self.epoch = seed, 0
-        self.max_failures = max_fail_fraction * len(records)
-        self.max_audio_seconds = max_audio_seconds
-        self.failed = {}                       # path -> reason, in this process
+        self.max_audio_seconds, self.timeout = max_audio_seconds, timeout
 
     def __len__(self):
         return len(self.records)
@@ -186,13 +236,16 @@ class VideoDataset(torch.utils.data.Dataset):
     def load(self, index, rng):
         rec = self.records[index]
         path = self._path(rec)
-        n = 1 if rec.media == "image" else self.num_frames
-        frames = read_frames(path, n, self.sample, start=rec.start, end=rec.end, rng=rng)   # (T, H, W, 3) uint8
+        if rec.media == "image":
+            frames = read_image(path, timeout=self.timeout)                                     # (1, H, W, 3) uint8
+        else:
+            frames = read_frames(path, self.num_frames, self.sample, start=rec.start, end=rec.end, rng=rng,
+                                 timeout=self.timeout)                                          # (T, H, W, 3) uint8
         flip = self.flip and rec.source.lower() not in NO_FLIP_SOURCES
         out = {"video": self.transform(frames, self.size, rng, flip=flip), "label": rec.label, "index": index,
                "path": rec.path}
         if self.audio:
-            wave = read_audio(path, max_seconds=self.max_audio_seconds, rng=rng)
+            wave = read_audio(path, max_seconds=self.max_audio_seconds, rng=rng, timeout=self.timeout)
             out["audio"] = audio_features(wave)                                              # (998, 64)
         if rec.captions:
             out["captions"] = dict(rec.captions)
@@ -205,28 +258,66 @@ class VideoDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index):
-        skipped = []
+        """Sample `index`, or the next decodable one after it; at most len(self) records are tried."""
+        skipped = []                                        # (record path, reason) of each failed record
         for attempt in range(len(self.records)):
             j = (index + attempt) % len(self.records)
             try:
                 sample = self.load(j, make_rng(self.seed, self.epoch, j))
             except DecodeError as e:
-                path = self.records[j].path
-                skipped.append(path)
-                self.failed[path] = str(e)
-                if len(self.failed) > self.max_failures:
-                    examples = "; ".join(f"{p}: {r}" for p, r in list(self.failed.items())[:5])
-                    raise RuntimeError(f"{len(self.failed)} of {len(self)} samples could not be decoded, more than "
-                                       f"the allowed {self.max_failures:g} (max_fail_fraction). Examples: {examples}") from e
+                skipped.append((self.records[j].path, e.reason))
                 continue
             sample["skipped"] = skipped
             return sample
-        raise RuntimeError(f"no sample of {len(self)} could be decoded")
+        examples = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        raise DataError(f"none of the {len(self)} samples (data root {self.root}) could be decoded. "
+                        f"Examples: {examples}")
+
+
+class DecodeFailures:
+    """Samples drawn and samples that failed to decode, over a whole run, and the rule for too many.
+
+        failures = DecodeFailures(max_fraction=0.01, grace=10)   # drawn=, failed=: counts to resume from
+        for batch in loader:
+            skipped = batch["skipped"]                 # [(path, reason), ...] (collate)
+            drawn, failed = len(batch["index"]) + len(skipped), len(skipped)
+            # distributed: sum drawn and failed over ranks here, so every rank adds the same totals
+            failures.add(drawn, failed, skipped)
+            failures.check()
+
+    drawn counts every record a DataLoader worker tried: the batch's samples plus the skipped ones.
+    add(drawn, failed, skipped=()) adds to the counts and keeps the first `max_examples` skipped
+    (path, reason) pairs it is given (this process's; pairs may arrive as 2-lists) as examples.
+    check() raises DataError once failed > max_fraction * drawn and failed > grace: the counts, the
+    percentage and the examples. The grace keeps one broken file early on from ending a run (one
+    failure in a first batch of 64 is 1.6 %). state() -> {"drawn", "failed"} for a checkpoint.
+    """
+
+    def __init__(self, max_fraction=0.01, grace=10, drawn=0, failed=0, max_examples=5):
+        self.max_fraction, self.grace, self.max_examples = max_fraction, grace, max_examples
+        self.drawn, self.failed = int(drawn), int(failed)
+        self.examples = {}                                  # path -> reason, the first few seen here
+
+    def add(self, drawn, failed, skipped=()):
+        self.drawn, self.failed = self.drawn + int(drawn), self.failed + int(failed)
+        for path, reason in skipped:
+            if len(self.examples) < self.max_examples:
+                self.examples.setdefault(path, reason)
+
+    def state(self):
+        return {"drawn": self.drawn, "failed": self.failed}
+
+    def check(self):
+        if self.failed > self.max_fraction * self.drawn and self.failed > self.grace:
+            examples = "; ".join(f"{p}: {r}" for p, r in self.examples.items()) or "none on this rank"
+            raise DataError(f"{self.failed} of {self.drawn} samples drawn ({100 * self.failed / self.drawn:.2f} %) "
+                            f"could not be decoded, more than the allowed {100 * self.max_fraction:g} %. "
+                            f"Fix or remove these files from the annotation list. Examples: {examples}")
 
 
 def collate(samples):
     """Stack tensors (shapes must agree), numbers -> tensors, dicts of strings -> dict of lists,
-    everything else -> list; "skipped" lists are concatenated."""
+    everything else -> list; "skipped" lists of (path, reason) pairs are concatenated."""
     out = {}
     for key in samples[0]:
         vals = [s[key] for s in samples]
@@ -273,12 +364,16 @@ class ShardedSampler(torch.utils.data.Sampler):
 
 
 def worker_init_fn(worker_id):
-    """Seed python/numpy/torch in each worker from the loader's base seed (for any library randomness;
-    ivmini's own sampling uses per-sample seeds and does not need it)."""
+    """Seed python/numpy in each worker from the loader's base seed (for any library randomness;
+    ivmini's own sampling uses per-sample seeds and does not need it). Workers ignore SIGINT and
+    SIGTERM: a signal sent to the whole process group (Ctrl-C, a scheduler) is handled by the main
+    process (dist.Guard), which still needs its workers for the last step; they exit with it."""
     import random
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=None, drop_last=True):

@@ -34,12 +34,36 @@ Decoding (`read_frames`) works in two passes over one open container:
 Decoded frames are matched by pts, not by counting, so a seek that lands somewhere unexpected
 cannot shift the frames. A wrong frame raises DecodeError; it is never returned.
 
+Only real videos are videos. FFmpeg opens far more than videos: its tty demuxer renders any .txt file
+as ANSI-art frames at a made-up 25 fps, and its image demuxers (image2, image2pipe and one
+"<format>_pipe" per picture format: png_pipe, jpeg_pipe, ...) turn a picture into a one-frame stream.
+So a video must pass three checks, each raising DecodeError with the reason:
+  1. It is a regular file (os.stat before av.open). A FIFO would block the open forever, and
+     /dev/zero would never end.
+  2. Its demuxer is not one that turns text or pictures into frames: tty and its "binary text"
+     siblings (bin, xbin, adf, idf) for every read, and the image demuxers for videos. A picture in a
+     video record is rejected as "an image, not a video". `read_image`, used for image records,
+     accepts pictures.
+  3. The demux scan finds at least two frames. One frame is a still image, whatever its container
+     (a one-frame mp4 or GIF). With two or more frames the timestamps give the clip a real duration.
+We do not require a duration in the header: a webm written to a pipe (browser recordings) has none
+and is a real video.
+
+Time limit: every read takes `timeout` seconds at most (default 60 s, DEFAULT_TIMEOUT). The deadline
+is checked between packets in the demux scan and between decoded frames, so a file that decodes
+slowly (huge, or crafted) fails with a DecodeError instead of stalling a DataLoader worker. It is
+cooperative: one packet or frame that hangs inside FFmpeg is not interrupted.
+
 Limits: streams whose packets carry no timestamps (raw .h264 elementary streams) are rejected.
 Remux them into mp4/mkv first. A truncated webm/mkv has no header count to check against, so only a
-decode error betrays it. The demux scan reads the whole file.
+decode error betrays it. The demux scan reads the whole file. Playlists (hls .m3u8, ffconcat) are
+followed to the files they name.
 """
+import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
+from time import monotonic
 
 import av
 import numpy as np
@@ -49,6 +73,13 @@ import torch
 # also subclass OSError/ValueError) and plain OSError from the file system.
 AV_ERRORS = (av.error.FFmpegError, OSError)
 
+DEFAULT_TIMEOUT = 60.0  # seconds one read may take; the 60 s 720p clip of the table above takes 3.5-9 s
+# Demuxers that turn a text file into frames (tty: any .txt/.nfo/.asc; the others: ANSI-art formats).
+TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+# What kind of file a path is when it is not a regular one, for the error message.
+NOT_REGULAR = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
 
 class DecodeError(RuntimeError):
     """A video/audio file could not be read. The message names the path and the reason."""
@@ -57,6 +88,24 @@ class DecodeError(RuntimeError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class Deadline:
+    """The time limit of one read: `check()` raises DecodeError once `timeout` seconds (None: no limit)
+    have passed since construction."""
+
+    def __init__(self, path, timeout):
+        self.path, self.timeout = path, timeout
+        self.end = None if timeout is None else monotonic() + timeout
+
+    def check(self):
+        if self.end is not None and monotonic() > self.end:
+            raise DecodeError(self.path, f"reading took longer than the time limit of {self.timeout:g} s (timeout=)")
+
+
+def is_image_demuxer(name: str) -> bool:
+    """FFmpeg's picture readers: image2 (by file name), image2pipe and one <format>_pipe per format."""
+    return name in ("image2", "image2pipe") or name.endswith("_pipe")
 
 
 def frame_indices(num_frames: int, vlen: int, sample: str = "rand", rng=None) -> list[int]:
@@ -106,14 +155,31 @@ class _Frames:
 
 
 def open_media(path):
-    """av.open that raises DecodeError naming the path (used by the audio reader too)."""
+    """av.open of a regular file, raising DecodeError naming the path (used by the audio reader too).
+
+    Anything else (a directory, FIFO, device, socket) is never opened: check 1 of the module docstring.
+    """
     try:
-        return av.open(str(path))
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DecodeError(path, f"cannot open: {e}") from e
+    if not stat.S_ISREG(mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        raise DecodeError(path, f"is {kind}, not a regular file; only regular files are opened")
+    try:
+        container = av.open(str(path))
     except AV_ERRORS as e:
         raise DecodeError(path, f"cannot open: {e}") from e
+    if container.format.name in TEXT_DEMUXERS:  # check 2: text is never media
+        container.close()
+        raise DecodeError(path, f"is a text file (FFmpeg's {container.format.name} demuxer), not a video or image")
+    return container
 
 
-def _video_stream(path, container):
+def _video_stream(path, container, image=False):
+    """The first video stream. image=False (a video record) rejects pictures: check 2."""
+    if not image and is_image_demuxer(container.format.name):
+        raise DecodeError(path, f"is an image ({container.format.name} demuxer), not a video")
     if not container.streams.video:
         raise DecodeError(path, "no video stream")
     stream = container.streams.video[0]
@@ -121,10 +187,11 @@ def _video_stream(path, container):
     return stream
 
 
-def _scan(path, container, stream) -> _Frames:
+def _scan(path, container, stream, deadline: Deadline) -> _Frames:
     """Demux (no decoding) the video stream: pts of every frame and which ones are keyframes."""
     pts, key_pts, packets = [], [], 0
     for packet in container.demux(stream):
+        deadline.check()
         if packet.size == 0:  # demuxing ends with an empty packet that flushes the decoder
             continue
         packets += 1
@@ -140,14 +207,18 @@ def _scan(path, container, stream) -> _Frames:
     if stream.frames > packets:
         raise DecodeError(path, f"truncated: header lists {stream.frames} frames, file holds {packets}")
     pts = np.array(sorted(pts), dtype=np.int64)
+    if pts[-1] == pts[0]:  # check 3 of the module docstring: one frame (one timestamp) is no video
+        raise DecodeError(path, "holds a single frame: a still image, not a video")
     # Frame 0 is always a valid start even when the stream's first packet is not flagged as key.
     keys = np.union1d(np.searchsorted(pts, key_pts), [0]).astype(np.int64)
     seconds = (pts - pts[0]) * float(stream.time_base)
     return _Frames(pts, keys, seconds)
 
 
-def _next_frame(path, decoder, frames: _Frames, i: int):
-    """Next decoded frame and its index. DecodeError if the stream ends first or the pts is unknown."""
+def _next_frame(path, decoder, frames: _Frames, i: int, deadline: Deadline):
+    """Next decoded frame and its index. DecodeError if the stream ends first, the pts is unknown or
+    the time limit has passed."""
+    deadline.check()
     frame = next(decoder, None)
     if frame is None:
         raise DecodeError(path, f"stream ended before frame {i} of {len(frames.pts)}")
@@ -157,7 +228,7 @@ def _next_frame(path, decoder, frames: _Frames, i: int):
     return frame, pos
 
 
-def _seek(path, container, stream, frames: _Frames, i: int, k: int):
+def _seek(path, container, stream, frames: _Frames, i: int, k: int, deadline: Deadline):
     """Seek to keyframe k (at or before frame i) and decode one frame -> (decoder, frame, its index).
 
     Demuxers may seek by decode timestamp. With B-frames a later keyframe's dts can be at or before
@@ -166,7 +237,7 @@ def _seek(path, container, stream, frames: _Frames, i: int, k: int):
     while True:
         container.seek(int(frames.pts[k]), stream=stream, backward=True)
         decoder = container.decode(stream)
-        frame, pos = _next_frame(path, decoder, frames, i)
+        frame, pos = _next_frame(path, decoder, frames, i, deadline)
         if pos <= i:
             return decoder, frame, pos
         if k == 0:
@@ -174,50 +245,71 @@ def _seek(path, container, stream, frames: _Frames, i: int, k: int):
         k = frames.keyframe_before(k - 1)
 
 
-def _decode(path, container, stream, frames: _Frames, wanted: list[int]) -> dict[int, np.ndarray]:
+def _decode(path, container, stream, frames: _Frames, wanted: list[int], deadline: Deadline) -> dict[int, np.ndarray]:
     """Decode the frames at the sorted, unique indices `wanted` -> {index: (H, W, 3) uint8 RGB}."""
     out, decoder, pos = {}, None, -1  # pos: index of the frame the decoder produced last
     for i in wanted:
         k = frames.keyframe_before(i)
         if decoder is None or k > pos + 1:  # the seek rule of the module docstring
-            decoder, frame, pos = _seek(path, container, stream, frames, i, k)
+            decoder, frame, pos = _seek(path, container, stream, frames, i, k, deadline)
         while pos < i:
-            frame, pos = _next_frame(path, decoder, frames, i)
+            frame, pos = _next_frame(path, decoder, frames, i, deadline)
         if pos != i:
             raise DecodeError(path, f"decoder skipped frame {i} (went on to frame {pos})")
         out[i] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
     return out
 
 
-def read_frames(path, num_frames: int, sample: str = "rand", *, start=None, end=None, rng=None) -> torch.Tensor:
+def read_frames(path, num_frames: int, sample: str = "rand", *, start=None, end=None, rng=None,
+                timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
     """Decode `num_frames` frames sampled by `frame_indices` -> uint8 tensor (T, H, W, 3), RGB.
 
     start/end (seconds after the first frame, either may be None) restrict sampling to the frames
-    with start <= t < end. rng: numpy.random.Generator for sample="rand". Any failure raises DecodeError.
+    with start <= t < end. rng: numpy.random.Generator for sample="rand". timeout: seconds the whole
+    read may take (None: no limit). Any failure raises DecodeError, also a file that is not a real
+    video (module docstring: a text file, a picture, a single frame, not a regular file).
     """
+    deadline = Deadline(path, timeout)
     with open_media(path) as container:
         try:
             stream = _video_stream(path, container)
-            frames = _scan(path, container, stream)
+            frames = _scan(path, container, stream, deadline)
             lo = 0 if start is None else int(np.searchsorted(frames.seconds, start, side="left"))
             hi = len(frames.pts) if end is None else int(np.searchsorted(frames.seconds, end, side="left"))
             if hi <= lo:
                 raise DecodeError(path, f"no frames in the window [{start}, {end}) s of a "
                                         f"{frames.seconds[-1]:.2f} s video")
             idx = [lo + i for i in frame_indices(num_frames, hi - lo, sample, rng)]
-            decoded = _decode(path, container, stream, frames, sorted(set(idx)))
+            decoded = _decode(path, container, stream, frames, sorted(set(idx)), deadline)
         except AV_ERRORS as e:
             raise DecodeError(path, f"decoding failed: {e}") from e
     return torch.from_numpy(np.stack([decoded[i] for i in idx]))  # (T, H, W, 3)
 
 
-def video_info(path) -> dict:
+def read_image(path, *, timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
+    """The first frame of a picture (png, jpeg, bmp, webp, ...; anything with a video stream except
+    text) -> uint8 tensor (1, H, W, 3), RGB. For image records; a video gives its first frame, as PIL
+    does for a GIF. Any failure raises DecodeError."""
+    deadline = Deadline(path, timeout)
+    with open_media(path) as container:
+        try:
+            stream = _video_stream(path, container, image=True)
+            for packet in container.demux(stream):
+                deadline.check()
+                for frame in packet.decode():  # the final empty packet flushes the decoder
+                    return torch.from_numpy(frame.to_ndarray(format="rgb24"))[None]  # (1, H, W, 3)
+        except AV_ERRORS as e:
+            raise DecodeError(path, f"decoding failed: {e}") from e
+    raise DecodeError(path, "image decoded to no frame")
+
+
+def video_info(path, *, timeout=DEFAULT_TIMEOUT) -> dict:
     """num_frames (from the demux scan), fps, duration (s, num_frames / fps for constant-rate
-    video), width, height, has_audio."""
+    video), width, height, has_audio. DecodeError for anything read_frames rejects."""
     with open_media(path) as container:
         try:
             stream = _video_stream(path, container)
-            frames = _scan(path, container, stream)
+            frames = _scan(path, container, stream, Deadline(path, timeout))
         except AV_ERRORS as e:
             raise DecodeError(path, f"reading the stream failed: {e}") from e
         n = len(frames.pts)
