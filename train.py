@@ -33,10 +33,11 @@ import tokenize
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import kernels
-from ivmini import dist, stages
-from ivmini.config import RECIPES, TrainConfig, train_config
+from ivmini import dist, runs, stages
+from ivmini.config import RECIPES, TrainConfig, option, train_config
 from ivmini.data.datasets import ShardedSampler, make_loader
 
 log = logging.getLogger("ivmini.train")
@@ -86,8 +87,14 @@ def parse_args(argv=None) -> TrainConfig:
         if not item.startswith("--"):
             ap.error(f"unrecognised argument {item!r} (options take the form --name=value)")
         if "=" not in item:
-            if not extra:
-                ap.error(f"{item} needs a value")
+            try:
+                is_flag = option(cfg, item[2:])[2] is bool
+            except ValueError as e:
+                ap.error(str(e))
+            if not extra or extra[0].startswith("--"):
+                if not is_flag:
+                    ap.error(f"{item} needs a value")
+                extra.insert(0, "true")                # a bare boolean option: --overwrite
             item = f"{item}={extra.pop(0)}"
         pairs.append(item[2:])
     try:
@@ -130,7 +137,7 @@ def lr_at(step, peak, floor, warmup, total):
 def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = dist.init()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,   # one voice: rank 0's
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     if cfg.backend:
         os.environ["IVMINI_BACKEND"] = cfg.backend
@@ -138,12 +145,21 @@ def main(argv=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     stage = stages.STAGES[cfg.stage]
-    os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:
-        log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
+    # the run folder: resume point, no writing over another run, one writer (rank 0 holds the lock)
+    lock = runs.Lock(cfg.out) if rank == 0 else None
+    try:
+        resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
+        train(cfg, stage, rank, world, device, resume, run_id)
+    except runs.RunError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(cfg, stage, rank, world, device, resume, run_id):
     # data: rank 0 prepares it first (e.g. generates the synthetic world), the others then find it
     with dist.rank_zero_first():
         dataset = stage.dataset(cfg)
@@ -151,13 +167,15 @@ def main(argv=None):
     per_step = cfg.batch_size * cfg.accum
     steps_per_epoch = len(sampler) // per_step
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} samples over {world} ranks cannot fill one step of "
-                         f"{cfg.batch_size} x {cfg.accum} clips per rank")
+        raise runs.RunError(f"{len(dataset)} samples over {world} ranks cannot fill one step of "
+                            f"{cfg.batch_size} x {cfg.accum} clips per rank")
     max_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
     warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs else cfg.warmup_steps
 
     # model: built identically on every rank (same seed), then wrapped (FSDP2, recompute, compile)
     model, frozen = stage.build(cfg, device)
+    if resume:
+        runs.check_resume(resume, dist.read_meta(resume), dataclasses.asdict(model.cfg), max_steps)
     dist.parallelize(model, frozen.values(), device, act_ckpt=cfg.act_ckpt, compile=cfg.compile)
 
     # optimizer and schedule
@@ -166,17 +184,17 @@ def main(argv=None):
     scale = per_step * world / 256 if cfg.lr_scaling == "batch256" else 1.0
     peak, floor = cfg.base_lr * scale, cfg.min_lr * scale
 
-    # resume: model, optimizer, step, skips and this rank's RNG; the data position follows from the step
-    step, skips = 0, 0
-    ckpt_dir = os.path.join(cfg.out, "checkpoints")
-    if cfg.resume:
-        path = dist.latest_checkpoint(ckpt_dir if cfg.resume == "auto" else cfg.resume)
-        if path is None:
-            raise SystemExit(f"--resume: no complete checkpoint under {ckpt_dir if cfg.resume == 'auto' else cfg.resume}")
-        meta = dist.load_checkpoint(path, model, optimizer)
-        step, skips = meta["step"], meta["skips"]
-        log.info("resumed from %s at step %d", path, step)
-    guard = dist.Guard(cfg.max_skips, skips)
+    # resume: model, optimizer, step, fault counts and this rank's RNG; the data position follows from the step
+    step, counts = 0, {}
+    if resume:
+        meta = dist.load_checkpoint(resume, model, optimizer)
+        step, counts = meta["step"], {k: meta[k] for k in ("skips", "drawn", "failed") if k in meta}
+        log.info("resumed from %s at step %d", resume, step)
+    guard = dist.Guard(cfg.max_skips, cfg.max_bad_data, **counts)
+    if rank == 0:
+        log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     def batches(step):
         """Micro-batches from the data position of `step` on: epoch and offset follow from the step."""
@@ -190,60 +208,66 @@ def main(argv=None):
 
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     pbar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
-    data = batches(step)
-    window = {"clips": 0, "time": time.perf_counter(), "skipped_samples": 0}
-    while step < max_steps:
-        lr = lr_at(step, peak, floor, warmup, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    data, start = batches(step), dict(step=step, time=time.perf_counter())
+    window, record, ckpt = {"clips": 0, "time": time.perf_counter()}, {}, None
+    with logging_redirect_tqdm():
+        while step < max_steps:
+            lr = lr_at(step, peak, floor, warmup, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # forward and backward over the micro-batches; a non-finite loss on any rank skips the step everywhere
-        finite, ids, values = True, [], {}
-        for _ in range(cfg.accum):
-            epoch, batch = next(data)                 # consumed even after a bad micro-batch: the data
-            ids += batch["path"]                      # position stays a function of the step
-            window["skipped_samples"] += len(batch["skipped"])
-            if finite:
-                loss, values = stage.forward_loss(model, frozen, batch, cfg, epoch)
-                finite = guard.finite(loss, step)
+            # forward and backward over the micro-batches; a non-finite loss on any rank skips the step everywhere
+            finite, ids, skipped, values = True, [], [], {}
+            for _ in range(cfg.accum):
+                epoch, batch = next(data)             # consumed even after a bad micro-batch: the data
+                ids += batch["path"]                  # position stays a function of the step
+                skipped += batch["skipped"]
                 if finite:
-                    (loss / cfg.accum).backward()
+                    loss, values = stage.forward_loss(model, frozen, batch, cfg, epoch)
+                    finite = guard.finite(loss, step)
+                    if finite:
+                        (loss / cfg.accum).backward()
 
-        # optimizer step, unless the loss or the global gradient norm is not finite
-        grad_norm = dist.clip_grad_norm(model, cfg.clip_grad) if finite else float("nan")
-        if guard.take_step(finite, grad_norm, step, lr, ids):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window["clips"] += per_step * world
-        pbar.update(1)
+            # optimizer step, unless the loss or the global gradient norm is not finite
+            grad_norm = dist.clip_grad_norm(model, cfg.clip_grad) if finite else float("nan")
+            if guard.take_step(finite, grad_norm, step, lr, ids):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window["clips"] += per_step * world
+            pbar.update(1)
+            stopping = guard.end_step(len(ids) + len(skipped), skipped)   # signals, bad data: agreed by all
 
-        # metrics: means over ranks, one JSON line per logged step
-        if step % cfg.log_every == 0 or step == max_steps:
-            values = dist.all_reduce_mean(values)
-            elapsed = time.perf_counter() - window["time"]
-            record = dict(step=step, lr=lr, grad_norm=grad_norm, skips=guard.skips,
-                          clips_per_s=window["clips"] / elapsed, skipped_samples=window["skipped_samples"], **values)
-            if device.type == "cuda":   # model FLOPs utilisation against the dense bf16 peak of an H100/H200
-                record["mfu"] = stage.flops_per_clip(model, frozen, cfg) * record["clips_per_s"] / (989e12 * world)
-            window.update(clips=0, time=time.perf_counter())
-            pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}",
-                             **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            # metrics: means over ranks, one JSON line per logged step
+            if step % cfg.log_every == 0 or step == max_steps:
+                values = dist.all_reduce_mean(values)
+                elapsed = time.perf_counter() - window["time"]
+                record = dict(step=step, lr=lr, grad_norm=grad_norm, skips=guard.skips,
+                              clips_per_s=window["clips"] / elapsed, drawn=guard.data.drawn,
+                              skipped_samples=guard.data.failed, **values)
+                if device.type == "cuda":   # model FLOPs utilisation against the dense bf16 peak of an H100/H200
+                    record["mfu"] = stage.flops_per_clip(model, frozen, cfg) * record["clips_per_s"] / (989e12 * world)
+                window.update(clips=0, time=time.perf_counter())
+                pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}",
+                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
 
-        # checkpoint every ckpt_every steps, at the end, and before stopping on a signal
-        stopping = guard.stopping()
-        if step % cfg.ckpt_every == 0 or step == max_steps or stopping:
-            meta = dict(skips=guard.skips, epoch=step // steps_per_epoch,
-                        offset=(step % steps_per_epoch) * per_step, config=dataclasses.asdict(cfg),
-                        model_config=dataclasses.asdict(model.cfg))
-            log.info("checkpoint %s", dist.save_checkpoint(ckpt_dir, step, model, optimizer, meta, keep=cfg.keep_ckpts))
-        if stopping:
-            pbar.close()
-            guard.exit(step)
+            # checkpoint every ckpt_every steps, at the end, and before stopping on a signal
+            if step % cfg.ckpt_every == 0 or step == max_steps or stopping:
+                meta = dict(run_id=run_id, epoch=step // steps_per_epoch, offset=(step % steps_per_epoch) * per_step,
+                            config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(model.cfg), **guard.state())
+                ckpt = dist.save_checkpoint(os.path.join(cfg.out, "checkpoints"), step, model, optimizer, meta,
+                                            keep=cfg.keep_ckpts)
+                log.info("checkpoint %s", ckpt)
+            if stopping:
+                pbar.close()
+                guard.exit(step)
     pbar.close()
+    seconds = time.perf_counter() - start["time"]
+    for line in runs.summary(cfg, step, start["step"], seconds, (step - start["step"]) * per_step * world, record, ckpt):
+        log.info("%s", line)
     if metrics_file:
         metrics_file.close()
     dist.shutdown()

@@ -4,6 +4,7 @@ The numbers of the S/B/L/1B/6B presets are the official InternVideo2 ones (singl
 `models/internvideo2*.py` factories; see shared facts §1.2): patch 14, 224 px, qk-norm, no qkv bias,
 a 16-head attention pool that outputs 768, LayerScale 1e-5. `tiny` is ivmini's own CPU size.
 """
+import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 
@@ -143,6 +144,15 @@ class DistillTask:
     teacher_motion: str = ""         # VideoMAEv2-g .pth; "" = small random teacher (smoke run)
     teacher_motion_attention: str = "per_head"   # per_head (VideoMAEv2) | across_heads (the official file's layout)
 
+    def problems(self):
+        return _problems(self, [
+            ("num_frames", lambda v: v >= 1, "at least 1"),
+            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
+            ("mask_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("clip_return_layer", lambda v: v >= 1, "at least 1"), ("mae_return_layer", lambda v: v >= 1, "at least 1"),
+            ("teacher_multimodal_kind", lambda v: v in ("internvl", "clip"), "internvl or clip"),
+            ("teacher_motion_attention", lambda v: v in ("per_head", "across_heads"), "per_head or across_heads")])
+
 
 @dataclass
 class TrainConfig:
@@ -151,7 +161,8 @@ class TrainConfig:
     data: str = ""                   # annotation file; "" = the synthetic world (generated on first use)
     data_root: str = ""              # root of the paths inside `data` (default: the annotation file's folder)
     out: str = "runs/stage1"         # run folder: config.json, metrics.jsonl, checkpoints/
-    resume: str = ""                 # "auto" = newest checkpoint in `out`, or a checkpoint folder; "" = start fresh
+    resume: str = ""                 # "auto" = newest checkpoint in `out`; or a run, checkpoints/ or step_* folder
+    overwrite: bool = False          # delete the run already in `out` (checkpoints, metrics) and start over
     epochs: float = 0.0              # training length in passes over the data (official scripts); 0 = use max_steps
     warmup_epochs: float = 0.0       # linear warmup in epochs (with epochs > 0)
     max_steps: int = 300             # training length in optimizer steps (when epochs = 0)
@@ -174,8 +185,32 @@ class TrainConfig:
     log_every: int = 10              # steps between metrics lines
     ckpt_every: int = 100            # steps between checkpoints
     keep_ckpts: int = 2              # checkpoints kept (the newest)
-    max_skips: int = 10              # non-finite steps skipped before the run aborts
+    max_skips: int = 10              # non-finite steps skipped before the run aborts (exit code 3)
+    max_bad_data: float = 0.01       # share of the samples drawn that may fail to decode before the run stops (4)
     task: DistillTask = field(default_factory=DistillTask)   # the stage's own options (--task.NAME or --NAME)
+
+    def problems(self):
+        finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
+        return _problems(self, [
+            ("epochs", finite, "a finite number >= 0"), ("warmup_epochs", finite, "a finite number >= 0"),
+            ("max_steps", lambda v: v >= 1 or self.epochs > 0, "at least 1"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
+            ("batch_size", lambda v: v >= 1, "at least 1"), ("accum", lambda v: v >= 1, "at least 1"),
+            ("base_lr", lambda v: finite(v) and v > 0, "a finite number > 0"), ("min_lr", finite, "a finite number >= 0"),
+            ("lr_scaling", lambda v: v in ("batch256", "none"), "batch256 or none"),
+            ("weight_decay", finite, "a finite number >= 0"), ("eps", lambda v: finite(v) and v > 0, "> 0"),
+            ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("clip_grad", lambda v: finite(v) and v > 0, "a finite number > 0"),
+            ("workers", lambda v: v >= 0, ">= 0"), ("log_every", lambda v: v >= 1, "at least 1"),
+            ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_ckpts", lambda v: v >= 1, "at least 1"),
+            ("max_skips", lambda v: v >= 0, ">= 0"), ("max_bad_data", lambda v: 0 <= v < 1, "in [0, 1)")]) \
+            + self.task.problems()
+
+
+def _problems(cfg, rules):
+    """'--name=value must be ...' for each (field, test, requirement) rule the value of cfg fails."""
+    prefix = "" if isinstance(cfg, TrainConfig) else "task."
+    return [f"--{prefix}{name.replace('_', '-')}={getattr(cfg, name)!r} must be {must}"
+            for name, ok, must in rules if not ok(getattr(cfg, name))]
 
 
 def stage1(preset="tiny") -> TrainConfig:
@@ -201,9 +236,9 @@ def _has(obj, name):
     return is_dataclass(obj) and name in {f.name for f in fields(obj)}
 
 
-def set_field(cfg, key, value):
-    """Set option `key` ("name", "task.name", or a task field's bare name) on cfg in place, converting a
-    text value to the field's type. An unknown name or a bad value is a ValueError naming the option."""
+def option(cfg, key):
+    """(the dataclass holding option `key`, the field's name, its type): "name", "task.name", or a task field's
+    bare name. An unknown name is a ValueError naming it."""
     names = key.replace("-", "_").split(".")
     if len(names) == 1 and not _has(cfg, names[0]) and _has(cfg.task, names[0]):
         names = ["task", names[0]]                     # a task option by its bare name
@@ -212,13 +247,19 @@ def set_field(cfg, key, value):
         obj = getattr(obj, name) if _has(obj, name) else None
     if not _has(obj, names[-1]) or is_dataclass(getattr(obj, names[-1])):
         raise ValueError(f"unknown option {key!r}")
-    kind = {f.name: f.type for f in fields(obj)}[names[-1]]
+    return obj, names[-1], {f.name: f.type for f in fields(obj)}[names[-1]]
+
+
+def set_field(cfg, key, value):
+    """Set option `key` on cfg in place, converting a text value to the field's type; a bad value is a
+    ValueError naming the option."""
+    obj, name, kind = option(cfg, key)
     if kind is bool and isinstance(value, str):
         if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"option {key} expects true or false, got {value!r}")
         value = value.lower() in ("1", "true", "yes")
     try:
-        setattr(obj, names[-1], kind(value))
+        setattr(obj, name, kind(value))
     except ValueError:
         raise ValueError(f"option {key} expects {kind.__name__}, got {value!r}") from None
 
@@ -233,4 +274,7 @@ def train_config(stage=1, preset="tiny", **overrides) -> TrainConfig:
     cfg = RECIPES[stage](preset)
     for key, value in overrides.items():
         set_field(cfg, key.replace("__", "."), value)
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     return cfg

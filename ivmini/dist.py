@@ -17,10 +17,13 @@ Single process: `python train.py` works too: init() then makes a 1-rank gloo gro
 FSDP2 code path runs everywhere.
 """
 import contextlib
+import ctypes
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,11 +36,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .data.datasets import DataError, DecodeFailures
 from .layers import Block
 
 log = logging.getLogger("ivmini.dist")
@@ -49,9 +55,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def die_with_parent():
+    """Under a launcher (torchrun sets TORCHELASTIC_RUN_ID), ask Linux to SIGKILL this process when the
+    launcher dies: after a `kill -9` of torchrun no orphan rank keeps training and writing checkpoints (its
+    DataLoader workers notice their parent is gone and exit too). A plain `python train.py` is left alone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:                                      # the launcher died before the prctl
+        os._exit(1)
+
+
 def init():
     """Join (or create) the process group -> (rank, world_size, device). torchrun sets RANK etc.;
     a plain `python` run becomes a 1-rank group on localhost."""
+    die_with_parent()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -82,6 +101,21 @@ def rank_zero_first():
         dist.barrier()
 
 
+def from_rank_zero(fn):
+    """fn() runs on rank 0 only; every rank returns its result, or raises the exception it raised."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:       # handed to every rank, re-raised there
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 def mixed_precision(device):
     """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU."""
     if device.type == "cuda":
@@ -108,14 +142,25 @@ def parallelize(model, frozen, device, *, act_ckpt=False, compile=False):
     return model
 
 
+def _all_reduce(values, op=dist.ReduceOp.SUM):
+    """all_reduce of a list of numbers over ranks (on the GPU under nccl) -> a list of floats."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
 def agree(*flags):
     """Max of each flag over all ranks (e.g. 'my loss is not finite', 'I was asked to stop')."""
-    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.cpu().tolist()]
+    return [bool(v) for v in _all_reduce(flags, dist.ReduceOp.MAX)]
+
+
+def ranks_where(flag):
+    """The ranks on which `flag` is true (every rank learns all of them)."""
+    onehot = [0.0] * dist.get_world_size()
+    onehot[dist.get_rank()] = float(flag)
+    return [r for r, v in enumerate(_all_reduce(onehot)) if v]
 
 
 def clip_grad_norm(model, max_norm):
@@ -125,20 +170,30 @@ def clip_grad_norm(model, max_norm):
 
 
 class Guard:
-    """Faults and stops, agreed by every rank so that no collective is left waiting.
+    """Faults, bad data and stops, agreed by every rank so that no collective is left waiting.
 
-    - SIGTERM / SIGINT (Ctrl-C) set a flag; `stopping()` is true on every rank once any rank got one, and
-      the loop then checkpoints and calls `exit()` (exit code 143 / 130).
+    - SIGTERM / SIGINT (Ctrl-C) set a flag; `end_step()` is true on every rank once any rank got one, and
+      the loop then checkpoints and calls `exit()` (exit code 143 / 130). DataLoader workers ignore both
+      signals (ivmini.data.datasets.worker_init_fn), so a signal sent to the whole process group (terminals,
+      schedulers, `kill -TERM` of torchrun) still finds the workers alive for the last step.
     - A non-finite loss on any rank makes `finite()` false on every rank (everyone skips the backward),
-      a non-finite global gradient norm likewise; `take_step()` then counts the skip, logs it with the
-      step, rank, lr, grad norm and sample ids, and aborts with exit code 3 and no new checkpoint once
-      more than `max_skips` steps were skipped.
+      a non-finite global gradient norm likewise; `take_step()` then counts the skip, logs it (step, the
+      ranks it happened on, lr, grad norm, sample ids) and aborts with exit code 3 and no new checkpoint
+      once more than `max_skips` steps were skipped.
+    - Undecodable samples: `end_step()` sums over ranks the samples drawn and the ones that failed to decode
+      (each batch reports its skipped (path, reason) pairs, from whichever DataLoader worker), for the whole
+      run, resumes included (ivmini.data.datasets.DecodeFailures keeps the counts and the rule). Rank 0
+      logs every failed path once with its reason; once more than `max_fail_fraction` of the samples drawn
+      failed (past a grace of a few), every rank stops with exit code 4, naming examples.
     - Fault injection for tests, read here only: IVMINI_INJECT_NAN="STEP[:RANK]" makes RANK's (default 0)
       loss count as non-finite at optimizer step STEP.
+    `state()` is what a checkpoint keeps of it (skips, drawn, failed).
     """
 
-    def __init__(self, max_skips, skips=0):
+    def __init__(self, max_skips, max_fail_fraction=0.01, skips=0, drawn=0, failed=0):
         self.max_skips, self.skips, self.signal = max_skips, skips, 0
+        self.data = DecodeFailures(max_fail_fraction, drawn=drawn, failed=failed)
+        self.logged = set()                          # failed paths already logged
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         step, _, rank = os.environ.get("IVMINI_INJECT_NAN", "").partition(":")
@@ -147,25 +202,45 @@ class Guard:
     def _on_signal(self, signum, frame):
         self.signal = signum
 
+    def state(self):
+        return dict(skips=self.skips, **self.data.state())
+
     def finite(self, loss, step):
-        bad = not torch.isfinite(loss).item() or self.inject_nan == (step, dist.get_rank())
-        return not agree(bad)[0]
+        self.bad_ranks = ranks_where(not torch.isfinite(loss).item() or self.inject_nan == (step, dist.get_rank()))
+        return not self.bad_ranks
 
     def take_step(self, finite, grad_norm, step, lr, samples):
         """Whether to apply the optimizer step (the loss and the global gradient norm are finite)."""
         if finite and math.isfinite(grad_norm):
             return True
         self.skips += 1
-        log.warning("non-finite loss or gradient at step %d (rank %d, lr %.3g, grad norm %s, samples %s); "
-                    "skipped (%d of at most %d)", step, dist.get_rank(), lr, grad_norm, samples[:8], self.skips,
-                    self.max_skips)
+        where = f"loss on rank(s) {self.bad_ranks}" if not finite else "gradient"
+        log.warning("non-finite %s at step %d (lr %.3g, grad norm %s, samples %s); skipped (%d of at most %d)",
+                    where, step, lr, grad_norm, samples[:8], self.skips, self.max_skips)
         if self.skips > self.max_skips:
             log.error("more than --max-skips=%d non-finite steps: aborting without a checkpoint", self.max_skips)
             sys.exit(3)
         return False
 
-    def stopping(self):
-        return agree(self.signal != 0)[0]
+    def end_step(self, drawn, skipped):
+        """After each step: `drawn` samples tried on this rank, `skipped` their (path, reason) failures.
+        -> whether to stop (a signal reached some rank). Exits (code 4) once too much data failed."""
+        stop, drawn, failed = _all_reduce([self.signal != 0, drawn, len(skipped)])
+        if failed:                                   # every rank's (path, reason) pairs, for the log and examples
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, list(skipped))
+            skipped = [tuple(pair) for pairs in gathered for pair in pairs]
+            for path, reason in skipped:
+                if path not in self.logged:
+                    self.logged.add(path)
+                    log.warning("skipped %s: %s", path, reason)
+        self.data.add(drawn, failed, skipped)
+        try:
+            self.data.check()
+        except DataError as e:
+            log.error("%s", e)
+            sys.exit(4)
+        return bool(stop)
 
     def exit(self, step):
         log.warning("stopping on a signal after step %d", step)
@@ -176,13 +251,7 @@ class Guard:
 def all_reduce_mean(values):
     """Mean over ranks of a dict of python floats (for logging)."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        t = t / dist.get_world_size()
-    return dict(zip(keys, t.cpu().tolist()))
+    return dict(zip(keys, (v / dist.get_world_size() for v in _all_reduce([values[k] for k in keys]))))
 
 
 class AllGatherWithGrad(torch.autograd.Function):
@@ -213,13 +282,19 @@ def all_gather_with_grad(x):
 # checkpoints
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This process's RNG states as tensors and plain Python values: loadable with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                             has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -236,16 +311,23 @@ def _step_dirs(root):
     return sorted(found)
 
 
-def latest_checkpoint(root):
-    """The newest complete checkpoint directory under root (or root itself if it is one), or None."""
-    if os.path.isfile(os.path.join(root, "COMPLETE")):
-        return root
-    found = _step_dirs(root)
+def latest_checkpoint(path):
+    """The newest complete checkpoint at `path`: path itself if it is one (a step_* folder), else the newest
+    under path (a checkpoints/ folder) or under path/checkpoints (a run folder); None if there is none."""
+    if os.path.isfile(os.path.join(path, "COMPLETE")):
+        return path
+    found = _step_dirs(path) or _step_dirs(os.path.join(path, "checkpoints"))
     return found[-1][1] if found else None
 
 
+def read_meta(path):
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
 def save_checkpoint(root, step, model, optimizer, meta, keep=2):
-    """Sharded save of model + optimizer, per-rank RNG, and meta (rank 0); atomic (see module doc)."""
+    """Sharded save of model + optimizer, per-rank RNG, and meta (rank 0); atomic (see module doc). Of the
+    older checkpoints, only those of the same run (meta["run_id"]) beyond the newest `keep` are removed."""
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
     rank = dist.get_rank()
@@ -265,41 +347,88 @@ def save_checkpoint(root, step, model, optimizer, meta, keep=2):
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in _step_dirs(root)[:-keep]:
+        ours = [d for _, d in _step_dirs(root) if read_meta(d).get("run_id") == meta["run_id"]]
+        for old in ours[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+# Untrusted bytes never reach pickle: DCP keeps its index (.metadata) as a pickle and unpickles non-tensor
+# entries (optimizer hyperparameters) with torch.load(weights_only=False). The index is read first with only
+# the classes such a file holds, and non-tensor entries with weights_only=True.
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner", "torch", "torch.serialization", "pathlib", "collections"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module in _METADATA_MODULES:      # checked before anything is imported
+            obj = super().find_class(module, name)
+            if (module.startswith("torch.distributed") and isinstance(obj, type)) or isinstance(obj, torch.dtype) \
+                    or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                          ("pathlib", "PosixPath"), ("collections", "OrderedDict")}:
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not something a checkpoint index holds")
+
+
+def _check_index(path):
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path}/.metadata is not a plain checkpoint index ({e}); refusing to load it") from e
+
+
+class _WeightsOnlyBytes:
+    """Mixin for DCP load planners: a non-tensor entry must load with torch.load(weights_only=True) (tensors
+    and plain Python values) before DCP's own torch.load sees it."""
+
+    def load_bytes(self, read_item, value):
+        data = value.read()
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} holds more than tensors and plain "
+                             f"values ({e}); refusing to load it") from e
+        super().load_bytes(read_item, io.BytesIO(data))
+
+
+class _SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    pass
+
+
+class _SafeEmptyLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    pass
 
 
 def load_checkpoint(path, model, optimizer):
     """Restore model + optimizer (any world size) and this rank's RNG (same world size); -> meta dict."""
     if not os.path.isfile(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"{path} is not a complete ivmini checkpoint (no COMPLETE marker)")
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(path)
+    _check_index(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = os.path.join(path, f"rank_{dist.get_rank()}.pt")
     if meta["world_size"] == dist.get_world_size() and os.path.isfile(rank_file):
-        set_rng_state(torch.load(rank_file, weights_only=False))   # our own file: python/numpy RNG tuples
+        try:
+            set_rng_state(torch.load(rank_file, weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{rank_file} holds more than RNG states ({e}); refusing to load it") from e
     return meta
 
 
 def consolidate(path):
-    """Read a DCP checkpoint directory without a process group -> the full model state dict."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = os.path.join(path, "_consolidated.tmp.pt")
-    try:
-        dcp_to_torch_save(path, out)
-        state = torch.load(out, map_location="cpu", weights_only=False)
-    finally:
-        if os.path.exists(out):
-            os.remove(out)
+    """Read a DCP checkpoint directory without a process group -> the full model state dict (CPU tensors)."""
+    _check_index(path)
+    state = {}   # filled by the planner, as torch's own dcp_to_torch_save does
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_SafeEmptyLoadPlanner(), no_dist=True)
     return state["model"]
 
 
-__all__ = ["init", "shutdown", "rank_zero_first", "mixed_precision", "parallelize", "agree", "clip_grad_norm",
-           "Guard", "all_reduce_mean", "all_gather_with_grad", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "consolidate"]
+__all__ = ["init", "shutdown", "rank_zero_first", "mixed_precision", "parallelize", "agree", "ranks_where",
+           "clip_grad_norm", "Guard", "all_reduce_mean", "all_gather_with_grad", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint", "read_meta", "consolidate"]

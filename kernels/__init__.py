@@ -11,7 +11,7 @@ Semantics are defined once, by kernels/ref.py. Backends: "ref" (that file: the r
 "torch" (kernels/torch_ops.py: torch's fused paths, any device; the CPU default), "triton"
 (kernels/triton/<op>.py; the CUDA default), "cuda" (csrc/<op>.cu via kernels/cuda/). Choice, first match
 wins: the `backend=` argument, the IVMINI_BACKEND environment variable, else "triton" for CUDA tensors and
-"torch" otherwise. The choice is logged once per op. A backend that cannot run the call (not built, wrong
+"torch" otherwise. The choice is logged once per backend. A backend that cannot run the call (not built, wrong
 device, op not implemented there) is an error: there is no silent fallback that changes numerics.
 
 Note on the name: PyPI also has an unrelated project called `kernels`. ivmini's `kernels` package is
@@ -87,9 +87,9 @@ def resolve_backend(op, backend, device):
     if fn is None:
         raise BackendUnavailable(f"kernels.{op} has no {name!r} implementation (backend from {why}); "
                                  f"implemented: {sorted(_IMPLS[op])}. Pass backend='ref' or set IVMINI_BACKEND=ref.")
-    if (op, name, why) not in _LOGGED and not torch.compiler.is_compiling():
-        _LOGGED.add((op, name, why))
-        log.info("kernels.%s: backend %r (%s)", op, name, why)
+    if (name, why) not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add((name, why))
+        log.info("kernels: backend %r (%s)", name, why)
     return fn
 
 

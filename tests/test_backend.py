@@ -39,11 +39,14 @@ def test_environment_variable_selects_the_reference(monkeypatch):
 def test_environment_variable_and_argument(monkeypatch, caplog):
     x, w = torch.randn(2, 8), torch.ones(8)
     monkeypatch.setenv("IVMINI_BACKEND", "ref")
+    monkeypatch.setattr(kernels, "_LOGGED", set())      # the choice is logged once per backend and reason
     with caplog.at_level(logging.INFO, logger="ivmini.kernels"):
         kernels.rms_norm(x, w)
+        kernels.attention(x[None, None], x[None, None], x[None, None])
+        kernels.rms_norm(x, w, backend="ref")
         kernels.rms_norm(x, w, backend="ref")
     msgs = [r.getMessage() for r in caplog.records if r.name == "ivmini.kernels"]
-    assert msgs == ["kernels.rms_norm: backend 'ref' (IVMINI_BACKEND)", "kernels.rms_norm: backend 'ref' (argument)"]
+    assert msgs == ["kernels: backend 'ref' (IVMINI_BACKEND)", "kernels: backend 'ref' (argument)"]
     monkeypatch.setenv("IVMINI_BACKEND", "tpu")
     with pytest.raises(ValueError, match=r"unknown kernels backend 'tpu' \(from IVMINI_BACKEND\)"):
         kernels.rms_norm(x, w)

@@ -28,7 +28,7 @@ def test_recipes_carry_the_official_numbers():
 def test_command_line_sets_top_level_and_task_options():
     cfg = train.parse_args(["--stage", "1", "--preset", "S", "--max-steps", "7", "--batch-size=3", "--img-size=56",
                             "--task.mask-ratio=0.5", "--set", "task.loss_mae=2", "--set", "base_lr=3e-4",
-                            "--compile=true", "--resume"])
+                            "--compile", "--resume"])
     assert (cfg.preset, cfg.max_steps, cfg.batch_size, cfg.base_lr, cfg.compile, cfg.resume) == \
         ("S", 7, 3, 3e-4, True, "auto")
     assert (cfg.task.img_size, cfg.task.mask_ratio, cfg.task.loss_mae) == (56, 0.5, 2.0)
@@ -44,7 +44,12 @@ def test_command_line_sets_top_level_and_task_options():
     (["--frobnicate=1"], "unknown option 'frobnicate'"),
     (["--task.frob=1"], "unknown option 'task.frob'"),
     (["--task=1"], "unknown option 'task'"),
-    (["--frobnicate"], "--frobnicate needs a value"),
+    (["--frobnicate"], "unknown option 'frobnicate'"),
+    (["--accum=0"], "--accum=0 must be at least 1"), (["--ckpt-every=0"], "--ckpt-every=0 must be at least 1"),
+    (["--log-every=0"], "--log-every=0 must be at least 1"), (["--max-steps=0"], "--max-steps=0 must be at least 1"),
+    (["--base-lr=-1"], "--base-lr=-1.0 must be a finite number > 0"), (["--img-size=60"], "multiple of the patch"),
+    (["--max-bad-data=1"], "--max-bad-data=1.0 must be in [0, 1)"),
+    (["--max-steps"], "--max-steps needs a value"),
     (["--preset", "XL"], "unknown preset 'XL'"),
     (["--backend=fast"], "--backend='fast'"),
     (["stray"], "unrecognised argument 'stray'"),

@@ -100,7 +100,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere_or_aborts(tmp_path, world):
     proc = train(tmp_path / "skip", world, "--max-steps=4", "--batch-size=2", inject_nan="2:1", nproc=2)
     m = metrics(tmp_path / "skip")
     assert [r["skips"] for r in m] == [0, 0, 1, 1]
-    assert "non-finite loss or gradient at step 2" in proc.stderr
+    assert "non-finite loss on rank(s) [1] at step 2" in proc.stderr
     assert all(x == x for r in m for x in (r["loss"],) if r["step"] != 3)
     proc = train(tmp_path / "abort", world, "--max-steps=4", "--batch-size=2", "--max-skips=0", "--ckpt-every=1",
                  inject_nan="1", check=False)
