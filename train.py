@@ -146,11 +146,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     stage = stages.STAGES[cfg.stage]
 
-    # the run folder: resume point, no writing over another run, one writer (rank 0 holds the lock)
-    lock = runs.Lock(cfg.out) if rank == 0 else None
+    lock = runs.Lock(cfg.out) if rank == 0 else None      # one writer per run folder: rank 0 holds it
     try:
-        resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
-        train(cfg, stage, rank, world, device, resume, run_id)
+        train(cfg, stage, rank, world, device, lock)
     except runs.RunError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
@@ -159,10 +157,16 @@ def main(argv=None):
             lock.release()
 
 
-def train(cfg, stage, rank, world, device, resume, run_id):
+def train(cfg, stage, rank, world, device, lock):
     # data: rank 0 prepares it first (e.g. generates the synthetic world), the others then find it
     with dist.rank_zero_first():
-        dataset = stage.dataset(cfg)
+        try:
+            dataset = stage.dataset(cfg)
+        except (OSError, ValueError) as e:      # a missing or wrong annotation file: the message names it
+            raise runs.RunError(f"--data: {e}") from None
+
+    # the run folder: where to resume from, never over another run, taken by this run (rank 0 decides)
+    resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
     sampler = ShardedSampler(len(dataset), rank, world, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accum
     steps_per_epoch = len(sampler) // per_step

@@ -126,6 +126,18 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, world, args, mess
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("kind,message", [("folder", "is a directory, not an annotation file"),
+                                          ("video", "looks like a video (binary data), not an annotation list"),
+                                          ("empty", "holds no samples")])
+def test_data_mistakes_are_usage_errors_naming_the_file(tmp_path, world, kind, message):
+    data = {"folder": world, "video": os.path.join(world, "videos", sorted(os.listdir(os.path.join(world, "videos")))[0]),
+            "empty": str(tmp_path / "empty.txt")}[kind]
+    (tmp_path / "empty.txt").write_text("")
+    proc = train(tmp_path / "run", world, "--workers=0", check=False, data=data)
+    assert proc.returncode == 2 and message in proc.stderr and data in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")
+
+
 def test_a_run_ends_with_a_summary(tmp_path, world):
     proc = train(tmp_path / "run", world, "--max-steps=2", "--workers=0")
     tail = proc.stderr[proc.stderr.index("finished at step 2"):]
