@@ -7,11 +7,13 @@ owns the checkpoint format:
 
     OUT/checkpoints/step_00000100/      a complete checkpoint (COMPLETE marker inside)
         .metadata, __*.distcp          DCP shards of {"model", "optim"} (the trained module and optimizer)
-        rank_<r>.pt                    per-rank state: RNG states (python, numpy, torch)
-        meta.json                      step, epoch, data position, skip count, world size, config
+        rank_<r>.pt                    per-rank RNG states (python, numpy, torch) as tensors and plain values
+        meta.json                      run_id, step, epoch, data position, fault and bad-data counts, world
+                                       size, the config and the trained module's config
         COMPLETE                       written last; a directory without it is ignored
 Writing happens in step_XXXXXXXX.tmp, which is renamed after every rank has finished, so a crash
-mid-save leaves the previous checkpoint as the latest. The last `keep` checkpoints are kept.
+mid-save leaves the previous checkpoint as the latest. The last `keep` checkpoints of the same run are
+kept. Loading never lets a checkpoint's bytes reach pickle unchecked (see _check_index).
 
 Single process: `python train.py` works too: init() then makes a 1-rank gloo group, so the same
 FSDP2 code path runs everywhere.

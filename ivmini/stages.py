@@ -72,9 +72,10 @@ def stage1_build(cfg, device):
                                 mae_return_layer=t.mae_return_layer)
     torch.manual_seed(cfg.seed)
     student = VideoViT(student_cfg)
-    log.info("student %s: %.2f M parameters; teachers: %s (%.1f M), %s (%.1f M)", cfg.preset,
-             count_params(student) / 1e6, type(mm).__name__, count_params(mm) / 1e6, type(motion).__name__,
-             count_params(motion) / 1e6)
+    n = student.param_counts()
+    log.info("student %s: %.2f M parameters = backbone %.2f M + distillation heads %.2f M; teachers: %s (%.1f M), "
+             "%s (%.1f M)", cfg.preset, count_params(student) / 1e6, n["backbone"] / 1e6, n["heads"] / 1e6,
+             type(mm).__name__, count_params(mm) / 1e6, type(motion).__name__, count_params(motion) / 1e6)
     return student.to(device), {"teacher_multimodal": mm.to(device), "teacher_motion": motion.to(device)}
 
 

