@@ -164,9 +164,6 @@ def train(cfg, stage, rank, world, device, lock):
             dataset = stage.dataset(cfg)
         except (OSError, ValueError) as e:      # a missing or wrong annotation file: the message names it
             raise runs.RunError(f"--data: {e}") from None
-
-    # the run folder: where to resume from, never over another run, taken by this run (rank 0 decides)
-    resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
     sampler = ShardedSampler(len(dataset), rank, world, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accum
     steps_per_epoch = len(sampler) // per_step
@@ -175,6 +172,9 @@ def train(cfg, stage, rank, world, device, lock):
                             f"{cfg.batch_size} x {cfg.accum} clips per rank")
     max_steps = round(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
     warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs else cfg.warmup_steps
+
+    # the run folder: where to resume from, never over another run, taken by this run (rank 0 decides)
+    resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
 
     # model: built identically on every rank (same seed), then wrapped (FSDP2, recompute, compile)
     model, frozen = stage.build(cfg, device)
