@@ -15,14 +15,19 @@
 // it takes 5 k16 steps and one k8 step (m16n8k8), where it is the output side (O = P V, dV, dK, dQ) it is
 // 11 n8 tiles. 88 costs exactly 88 columns, against 96 for FA2/FA3 and 128 for a pad-to-pow2 kernel.
 //
-// Tiling (all kernels: 4 warps, 128 threads; a warp owns 16 rows of the output tile, every mma is m16n8k*):
-//   forward   one CTA per (64 queries, head, batch). Q is loaded once into registers as A fragments; the
-//             CTA streams 64-key blocks of K and V through shared memory (cp.async, double buffered) and
-//             per block each warp computes S = Q K^T (16 x 64, in registers), masks it, runs the online
-//             softmax in base 2 (scale * log2(e) folded into one multiply) and adds P V into its 16 x D_T
-//             fp32 accumulator. P goes from the S accumulators straight into A fragments (see pack_a): no
-//             shared-memory round trip. Causal CTAs stop at their last visible key block. Saves
-//             lse = m + log(l) (natural log) per query; rows with l == 0 store o = 0, lse = -inf.
+// Tiling (all kernels: 4 warps, 128 threads; every mma is m16n8k*; a warp owns 16 rows of the output tile, one
+// m16 fragment, except in the forward without a bias: two fragments, 32 rows):
+//   forward   one CTA per (128 queries, head, batch) streaming 32-key blocks of K and V; with a bias, 64
+//             queries and 64-key blocks (FwdTiling, the table below). Q is loaded once into registers as A
+//             fragments (D_T = 128: kept in its own shared tile and read again at every block); K and V go
+//             through shared memory (cp.async, double buffered). Per block each warp computes S = Q K^T
+//             (32 x 32 in registers: every K fragment it loads serves both of its fragments), masks it, runs
+//             the online softmax in base 2 (scale * log2(e) folded into one multiply) and adds P V into its
+//             two 16 x D_T fp32 accumulators (every V fragment serves both). P goes from the S accumulators
+//             straight into A fragments (see pack_a): no shared-memory round trip. Causal CTAs stop at their
+//             last visible key block, and a warp skips the blocks wholly past its diagonal and, in the last
+//             CTA, everything when its rows lie past Nq. Saves lse = m + log(l) (natural log) per query; rows
+//             with l == 0 store o = 0, lse = -inf.
 //   backward  recomputation, three kernels, no atomics (so the result does not depend on scheduling and GQA
 //             needs no reduction pass afterwards):
 //     delta   delta = rowsum(dout * o) in fp32, 16 lanes per row.
@@ -42,11 +47,10 @@
 //             4-byte cp.async, in the same double-buffered stage as the K/V (forward, dQ) or Q/dO (dK/dV)
 //             tiles, and adds bias * log2(e) to the base-2 scores S before the mask: to the forward's online
 //             softmax, and to the recomputed P of both backward passes. Shared memory, not direct global loads,
-//             because the dK/dV kernel sits at 235-244 of 255 registers: 32 bias values prefetched per lane
+//             because the dK/dV kernel sits at 235-246 of 255 registers: 32 bias values prefetched per lane
 //             (or their 64-bit addresses) spill it. The bias is a template flag (kBias), not a runtime branch:
-//             the kernels without a bias are compiled from the very code they had before (same registers, no
-//             spills, same shared memory), at the price of twice the instantiations (attention.cu compiles in
-//             ~40 s instead of ~20 s on 2 cores, for sm_80 + sm_90a).
+//             the kernels without a bias carry none of its code, registers or shared memory, at the price of
+//             twice the instantiations (attention.cu compiles in ~45 s on 2 cores, for sm_80 + sm_90a).
 //
 // Fragments (PTX ISA, mma.m16n8k16 with 16-bit inputs; g = lane / 4, t = lane % 4; a .b32 register holds two
 // consecutive 16-bit elements, the lower column / k index in the low half):
@@ -65,10 +69,30 @@
 //   bytes    q, k, v, o: 4 x 2 B H N d = 0.74 GB (the backward adds dout, dq, dk, dv): ~1000 FLOP/byte, far
 //            above the H100 ridge (~270-300 FLOP/byte), so compute bound, judged in TFLOP/s against the
 //            measured 798 TFLOP/s bf16 matmul.
-//   on chip  a warp reads its whole K and V block from shared memory for 16 query rows: 16 FLOP per byte,
-//            and an H100 SM reads 128 B/clk, so shared memory caps mma.sync near 2048 FLOP/clk/SM, half the
-//            tensor peak (~495 TFLOP/s). Expect FA2-class speed (FA2: 362 TFLOP/s forward at d=128, N=2k on
-//            an H100), not FA3's 625, which needs wgmma, TMA and warp specialisation.
+//   on chip  per key block of BN keys a warp with R query rows does 4 R BN d FLOPs and reads the K and V
+//            blocks from shared memory, 4 BN d bytes: R FLOP per byte (+ 2 R d bytes when Q is read again:
+//            4 R BN / (4 BN + 2 R) FLOP per byte). An H100 SM reads 128 B/clk of shared memory and its dense
+//            tensor peak is 4096 FLOP/clk (989 TFLOP/s), so
+//              R = 16 (bias variants, and the whole backward)   16 FLOP/B -> 2048 FLOP/clk/SM, half the peak
+//              R = 32, Q in registers (D_T <= 96)              32 FLOP/B -> 4096: the peak; shared memory no
+//                                                              longer caps mma.sync
+//              R = 32, Q re-read (D_T = 128, BN = 32)       21.3 FLOP/B -> 2731, ~2/3 of the peak
+//            Past that the caps are mma.sync's issue rate (FA2 reaches 362 TFLOP/s forward at d=128, N=2k on an
+//            H100; FA3's 625 needs wgmma, TMA and warp specialisation) and exp2 on the SFU: 16/clk/SM against
+//            4096 / 4d = 11.6 scores/clk at d=88 at the peak.
+//   registers ptxas -v (nvcc 13), sm_80 / sm_90a, fp16 = bf16; 255 allowed; CTAs of 128 threads per SM:
+//            4 up to 128 registers, 3 up to 168, else 2. Shipped, no spills in any variant:
+//              D_T                          32        64        88        96        128
+//              forward, 32 rows x 32 keys   130/128   195/194   236/234   247/246   238/242 (Q in shared)
+//              forward, 16 x 64, bias       135/134   137/137   167/175   180/178   215/219
+//            for comparison, 16 rows x 64 keys without a bias: 101/106 135/143 160/162 168/170 177/182 (3 CTAs
+//            per SM at d = 88 instead of 2, but half the FLOPs per byte of shared memory). Measured and
+//            rejected because they spill (bytes stored, sm_80 / sm_90a): 32 rows with Q in registers at
+//            D_T = 128 (112/160 with 32 keys); 32 rows x 64 keys with Q in registers from D_T = 88 (60 on sm_80
+//            at 88, 612 at 128) or with Q in shared from D_T = 96 (0/36 at 96, 48/52 at 128; 255 registers at
+//            88 on sm_80); with a bias, 32 rows x 32 keys with Q in registers at D_T >= 96 (12/12 at 96). 32
+//            rows with a bias fit only with Q in shared and 32 keys (222-253 registers); the bias variants
+//            keep 16 rows: they are memory bound (below).
 //   bias     4 bytes read per score and pass against 4d FLOP per score in the forward: 88 FLOP/byte at d=88,
 //            under the ridge. A full (B, H, N, N) bias is 2.15 G scores = 8.6 GB: ~2.9 ms of HBM traffic at
 //            ~3 TB/s against ~1.9 ms of forward math at 400 TFLOP/s, so the forward turns memory bound; the
@@ -76,10 +100,13 @@
 //            HBM reads only while the shared tile is still in L2 (50 MB on an H100): (1, 1, N, N) at N = 2049
 //            (16.8 MB) is, (1, H, N, N) (268 MB) is not. The bias is as large as the score matrix flash attention
 //            exists not to store: use one for short sequences (BEATs: N ~ 500), not the 2049-token video tower.
-// Limits: no wgmma/TMA path (Hopper runs the sm_80 design); one tile shape (64 x 64) for every D_T; N = 2049
-// pays a whole 64-block for its CLS token (+3%); pointers and strides must be 16-byte aligned (kernels/cuda/ops.py
-// makes them so), otherwise cudaErrorInvalidValue; the bias moves 4 bytes per cp.async (any strides, no 16-byte
-// path for a contiguous one); with a bias the D_T = 128 dQ kernel needs 142 KB of shared memory: one CTA per SM.
+// Limits: no wgmma/TMA path (Hopper runs the sm_80 design); one tile shape per kernel for every D_T (forward
+// 128 x 32 or, with a bias, 64 x 64; backward 64 x 64); 2 CTAs (8 warps) per SM for the forward at D_T >= 64
+// (3 before, at 16 rows per warp); N = 2049 pays a 64-key block for its CLS token in the backward (+3%) and a
+// 128-query CTA in the forward, whose warps past Nq skip their math; pointers and strides must be 16-byte
+// aligned (kernels/cuda/ops.py makes them so), otherwise cudaErrorInvalidValue; the bias moves 4 bytes per
+// cp.async (any strides, no 16-byte path for a contiguous one); with a bias the D_T = 128 dQ kernel needs 142 KB
+// of shared memory: one CTA per SM.
 //
 // Test: pytest tests/test_attention.py (GPU, backend "cuda"); on CPU, tests/test_cuda_emulated.py runs this file
 // under emulation.     Benchmark: python -m kernels.bench attention
@@ -93,7 +120,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockM = 16 * kWarps;   // query rows per forward / dQ CTA, key rows per dK/dV CTA
+constexpr int kBlockM = 16 * kWarps;   // query rows per dQ CTA (forward with a bias), key rows per dK/dV CTA
 constexpr int kBlockN = 64;            // keys per streamed block (forward, dQ)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -303,16 +330,8 @@ __device__ __forceinline__ void gemm_nt_k8(float (&acc)[NT][4], const uint32_t (
   }
 }
 
-// The whole reduction, A held in registers (the forward's Q: k16 fragments a[ks] and the k8 tail a8) ...
-template <typename T, int D_T, int NT>
-__device__ __forceinline__ void warp_gemm_nt(float (&acc)[NT][4], const uint32_t (&a)[HeadDim<D_T>::kK16][4],
-                                             const uint32_t (&a8)[2], const T *sB) {
-#pragma unroll
-  for (int ks = 0; ks < HeadDim<D_T>::kK16; ++ks) gemm_nt_k16<T, D_T>(acc, a[ks], sB, 16 * ks);
-  if constexpr (HeadDim<D_T>::kK8) gemm_nt_k8<T, D_T>(acc, a8, sB, D_T - 8);
-}
-
-// ... or A read from rows a_row0..a_row0+15 of a shared tile, one k step at a time (the backward's K, V, Q, dO).
+// The whole reduction, A read from rows a_row0..a_row0+15 of a shared tile, one k step at a time (the
+// backward's K, V, Q, dO).
 template <typename T, int D_T, int NT>
 __device__ __forceinline__ void warp_gemm_nt(float (&acc)[NT][4], const T *sA, int a_row0, const T *sB) {
   constexpr int P = HeadDim<D_T>::kPitch;
@@ -329,11 +348,65 @@ __device__ __forceinline__ void warp_gemm_nt(float (&acc)[NT][4], const T *sA, i
   }
 }
 
-// "NN" products: acc (16 x D_T) += A (16 x 16KT, fragments: P or dS) B with B stored [k][d] (shared
-// tile sB): the head dim is the output side (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K), D_T / 8 n8
-// tiles, two per ldmatrix.x4.trans and an odd last one alone.
-template <typename T, int D_T, int KT>
-__device__ __forceinline__ void warp_gemm_nn(float (&acc)[HeadDim<D_T>::kN8][4], const uint32_t (&a)[KT][4],
+// The forward's version for MF row fragments at once (acc[f] += A[f] B^T, fragment f = 16 rows): each B
+// fragment read from shared memory serves all MF of them. (The backward keeps the one-fragment code above:
+// routed through this one, ptxas allocates its kernels differently, e.g. dQ at D_T = 64 on sm_80 166 -> 182
+// registers, one CTA fewer per SM.) A is held in registers (kARegs: Q, fragment f
+// has k16 pieces a[f][ks] and the k8 tail a8[f]), or read from rows a_row0 + 16 f .. + 15 of the shared
+// tile sA one k step at a time.
+template <typename T, int D_T, bool kARegs, int MF, int NT>
+__device__ __forceinline__ void warp_gemm_nt_frags(float (&acc)[MF][NT][4],
+                                                   const uint32_t (&a)[MF][HeadDim<D_T>::kK16][4],
+                                                   const uint32_t (&a8)[MF][2], const T *sA, int a_row0,
+                                                   const T *sB) {
+  constexpr int P = HeadDim<D_T>::kPitch;
+#pragma unroll
+  for (int ks = 0; ks < HeadDim<D_T>::kK16; ++ks) {
+    uint32_t ak[MF][4];
+#pragma unroll
+    for (int f = 0; f < MF; ++f) {
+      if constexpr (kARegs)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ak[f][i] = a[f][ks][i];
+      else lds_a16<P>(ak[f], sA, a_row0 + 16 * f, 16 * ks);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t b[2][2];
+      lds_b_nk<P>(b, sB, 8 * n, 16 * ks);
+#pragma unroll
+      for (int f = 0; f < MF; ++f) {
+        mma_k16<T>(acc[f][n], ak[f], b[0][0], b[0][1]);
+        mma_k16<T>(acc[f][n + 1], ak[f], b[1][0], b[1][1]);
+      }
+    }
+  }
+  if constexpr (HeadDim<D_T>::kK8) {
+    static_assert(NT % 4 == 0, "the k8 step loads B for four n8 tiles at a time");
+    uint32_t ak[MF][2];
+#pragma unroll
+    for (int f = 0; f < MF; ++f) {
+      if constexpr (kARegs) ak[f][0] = a8[f][0], ak[f][1] = a8[f][1];
+      else lds_a8<P>(ak[f], sA, a_row0 + 16 * f, D_T - 8);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n += 4) {
+      uint32_t b[4];
+      lds_b_nk_k8<P>(b, sB, 8 * n, D_T - 8);
+#pragma unroll
+      for (int f = 0; f < MF; ++f)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_k8<T>(acc[f][n + j], ak[f], b[j]);
+    }
+  }
+}
+
+// "NN" products: acc[f] (16 x D_T) += A[f] (16 x 16KT, fragments: P or dS) B with B stored [k][d] (shared
+// tile sB) for MF row fragments f at once (each B fragment serves all MF): the head dim is the output side
+// (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K), D_T / 8 n8 tiles, two per ldmatrix.x4.trans and an odd
+// last one alone.
+template <typename T, int D_T, int MF, int KT>
+__device__ __forceinline__ void warp_gemm_nn(float (&acc)[MF][HeadDim<D_T>::kN8][4], const uint32_t (&a)[MF][KT][4],
                                              const T *sB) {
   constexpr int P = HeadDim<D_T>::kPitch, N8 = HeadDim<D_T>::kN8;
 #pragma unroll
@@ -342,15 +415,27 @@ __device__ __forceinline__ void warp_gemm_nn(float (&acc)[HeadDim<D_T>::kN8][4],
     for (int n = 0; n + 1 < N8; n += 2) {
       uint32_t b[2][2];
       lds_b_kn<P>(b, sB, 16 * kk, 8 * n);
-      mma_k16<T>(acc[n], a[kk], b[0][0], b[0][1]);
-      mma_k16<T>(acc[n + 1], a[kk], b[1][0], b[1][1]);
+#pragma unroll
+      for (int f = 0; f < MF; ++f) {
+        mma_k16<T>(acc[f][n], a[f][kk], b[0][0], b[0][1]);
+        mma_k16<T>(acc[f][n + 1], a[f][kk], b[1][0], b[1][1]);
+      }
     }
     if constexpr (N8 % 2 == 1) {
       uint32_t b[2];
       lds_b_kn1<P>(b, sB, 16 * kk, 8 * (N8 - 1));
-      mma_k16<T>(acc[N8 - 1], a[kk], b[0], b[1]);
+#pragma unroll
+      for (int f = 0; f < MF; ++f) mma_k16<T>(acc[f][N8 - 1], a[f][kk], b[0], b[1]);
     }
   }
+}
+
+// ... for one fragment (the backward: 16 rows per warp).
+template <typename T, int D_T, int KT>
+__device__ __forceinline__ void warp_gemm_nn(float (&acc)[HeadDim<D_T>::kN8][4], const uint32_t (&a)[KT][4],
+                                             const T *sB) {
+  warp_gemm_nn<T, D_T>(reinterpret_cast<float (&)[1][HeadDim<D_T>::kN8][4]>(acc),
+                       reinterpret_cast<const uint32_t (&)[1][KT][4]>(a), sB);
 }
 
 // Round a warp's 16 x D_T accumulator (C layout) to T into rows row0..row0+15 of a shared tile; row g is
@@ -433,137 +518,187 @@ __device__ __forceinline__ float quad_sum(float v) {
 // ---------------------------------------------------------------------------------------------
 // forward
 
+// Forward tiling of the (head dim, bias) variants, chosen from ptxas register counts (the header's table):
+//   kFrags   m16 fragments of 16 query rows per warp: every K and V fragment a warp reads from shared memory
+//            serves kFrags of them (16 kFrags FLOP per byte, see the header); the CTA holds kRows queries
+//   kKeys    keys per streamed K/V block: 32 halves the fp32 score tile (the registers two fragments need)
+//   kQInRegs Q kept in registers as A fragments (read from shared memory once), or in its own shared tile and
+//            re-read at every key block where those registers are not free (D_T = 128)
+// A bias makes the forward memory bound (header): its variants keep one fragment, 64 keys, Q in registers.
 template <int D_T, bool kBias>
-constexpr int fwd_smem_bytes() {   // two stages of (K tile, V tile, key mask) [+ two bias tiles]
-  return 2 * (2 * HeadDim<D_T>::kTileBytes + kBlockN * 4) + (kBias ? 2 * kBlockM * kBiasPitch * 4 : 0);
-}
+struct FwdTiling {
+  using HD = HeadDim<D_T>;
+  static constexpr int kFrags = kBias ? 1 : 2;
+  static constexpr int kRows = 16 * kWarps * kFrags;
+  static constexpr int kKeys = kBias ? 64 : 32;
+  static constexpr bool kQInRegs = kBias || D_T <= 96;
+  // Rows of each K and V tile slot: with Q in registers its tile is staged through stage 1's K and V slots
+  // (adjacent, same pitch), so two slots hold kRows rows (32-key blocks then fill half a slot: 22.5 KB of
+  // shared memory idle at d = 88, which does not limit the 2 CTAs per SM the registers allow).
+  static constexpr int kSlotRows = kQInRegs && kRows > 2 * kKeys ? kRows / 2 : kKeys;
+  static constexpr int kSlotBytes = kSlotRows * HD::kPitch * 2;
+  static constexpr int kQTileBytes = kQInRegs ? 0 : kRows * HD::kPitch * 2;
+  // [Q tile] + two stages of (K slot, V slot) + two key masks [+ two bias tiles of kRows queries x 64 keys]
+  static constexpr int kSmemBytes =
+      kQTileBytes + 4 * kSlotBytes + 2 * kKeys * 4 + (kBias ? 2 * kRows * kBiasPitch * 4 : 0);
+  static_assert(!kBias || kKeys == kBlockN, "bias tiles are 64 keys wide (load_bias_tile)");
+};
 
 template <typename T, int D_T, bool kBias>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParams p, int group) {
   using HD = HeadDim<D_T>;
-  constexpr int P = HD::kPitch, NT = kBlockN / 8;
-  // Shared memory: stage s (0, 1) holds K tile, V tile at 2s, 2s + 1 tiles in, key masks after the 4 tiles,
-  // then (kBias) the bias tiles of stages 0 and 1.
+  using Tiling = FwdTiling<D_T, kBias>;
+  constexpr int P = HD::kPitch, MF = Tiling::kFrags, BM = Tiling::kRows, BN = Tiling::kKeys, NT = BN / 8;
+  constexpr bool kQRegs = Tiling::kQInRegs;
+  // Shared memory: [Q tile (!kQRegs)], then stage s (0, 1) = K slot, V slot at 2s, 2s + 1 slots in; the key
+  // masks of stages 0, 1; (kBias) the bias tiles of stages 0, 1. With Q in registers its tile is staged through
+  // stage 1's slots (free until block 1 is prefetched) and the O tile through stage 0's; else both use the Q tile.
   extern __shared__ __align__(16) unsigned char smem[];
-  auto sK = [&](int s) { return reinterpret_cast<T *>(smem + (2 * s) * HD::kTileBytes); };
-  auto sV = [&](int s) { return reinterpret_cast<T *>(smem + (2 * s + 1) * HD::kTileBytes); };
-  auto sMask = [&](int s) { return reinterpret_cast<float *>(smem + 4 * HD::kTileBytes) + s * kBlockN; };
-  auto sBias = [&](int s) { return sMask(2) + s * kBlockM * kBiasPitch; };
+  unsigned char *const slots = smem + Tiling::kQTileBytes;
+  auto sK = [&](int s) { return reinterpret_cast<T *>(slots + (2 * s) * Tiling::kSlotBytes); };
+  auto sV = [&](int s) { return reinterpret_cast<T *>(slots + (2 * s + 1) * Tiling::kSlotBytes); };
+  auto sMask = [&](int s) { return reinterpret_cast<float *>(slots + 4 * Tiling::kSlotBytes) + s * BN; };
+  auto sBias = [&](int s) { return sMask(2) + s * BM * kBiasPitch; };
+  T *const sQ = kQRegs ? sK(1) : reinterpret_cast<T *>(smem);
+  T *const sO = kQRegs ? sK(0) : sQ;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;   // the longest causal blocks start first
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;   // the longest causal blocks start first
   const int h = blockIdx.y, b = blockIdx.z, hk = h / group;
-  const int off = p.Nk - p.Nq;                              // query i sees keys j <= i + off (causal)
-  const int row0 = q0 + 16 * warp, row = row0 + g;        // this warp's first row; this lane's rows: row, row + 8
+  const int off = p.Nk - p.Nq;                         // query i sees keys j <= i + off (causal)
+  // This warp's rows: row0 .. row_last; fragment f = tile rows 16 (MF warp + f) .. + 15, and this lane's rows
+  // in it are row0 + 16 f + g and + 8.
+  const int row0 = q0 + 16 * MF * warp, row_last = row0 + 16 * MF - 1;
   const T *Q = static_cast<const T *>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T *K = static_cast<const T *>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T *V = static_cast<const T *>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int n_end = p.causal ? min(p.Nk, min(q0 + kBlockM, p.Nq) + off) : p.Nk;   // keys past it are never seen
-  const int n_blocks = n_end > 0 ? (n_end + kBlockN - 1) / kBlockN : 0;
+  const int n_end = p.causal ? min(p.Nk, min(q0 + BM, p.Nq) + off) : p.Nk;   // keys past it are never seen
+  const int n_blocks = n_end > 0 ? (n_end + BN - 1) / BN : 0;
 
   auto load_kv = [&](int j, int s) {
-    load_tile<T, D_T, kBlockN>(sK(s), K, p.k_stride[2], j * kBlockN, p.Nk, p.D);
-    load_tile<T, D_T, kBlockN>(sV(s), V, p.v_stride[2], j * kBlockN, p.Nk, p.D);
-    if (threadIdx.x < kBlockN) sMask(s)[threadIdx.x] = key_mask(p, b, j * kBlockN + threadIdx.x);
-    if constexpr (kBias) load_bias_tile<kBlockM, kBiasPitch>(sBias(s), p, b, h, q0, j * kBlockN);
+    load_tile<T, D_T, BN>(sK(s), K, p.k_stride[2], j * BN, p.Nk, p.D);
+    load_tile<T, D_T, BN>(sV(s), V, p.v_stride[2], j * BN, p.Nk, p.D);
+    if (threadIdx.x < BN) sMask(s)[threadIdx.x] = key_mask(p, b, j * BN + threadIdx.x);
+    if constexpr (kBias) load_bias_tile<BM, kBiasPitch>(sBias(s), p, b, h, q0, j * BN);
   };
 
-  // Q (in stage 1's K slot, free until block 1 is prefetched) and key block 0 -> shared; Q -> registers.
-  load_tile<T, D_T, kBlockM>(sK(1), Q, p.q_stride[2], q0, p.Nq, p.D);
+  // Q and key block 0 -> shared; with kQRegs, Q -> registers.
+  load_tile<T, D_T, BM>(sQ, Q, p.q_stride[2], q0, p.Nq, p.D);
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  uint32_t qa[HD::kK16][4], qa8[2];
+  uint32_t qa[MF][HD::kK16][4], qa8[MF][2];   // (unused without kQRegs)
+  if constexpr (kQRegs) {
+    cp_async_wait<0>();
+    __syncthreads();
 #pragma unroll
-  for (int ks = 0; ks < HD::kK16; ++ks) lds_a16<P>(qa[ks], sK(1), 16 * warp, 16 * ks);
-  if constexpr (HD::kK8) lds_a8<P>(qa8, sK(1), 16 * warp, D_T - 8);
-  __syncthreads();
+    for (int f = 0; f < MF; ++f) {
+#pragma unroll
+      for (int ks = 0; ks < HD::kK16; ++ks) lds_a16<P>(qa[f][ks], sQ, 16 * (MF * warp + f), 16 * ks);
+      if constexpr (HD::kK8) lds_a8<P>(qa8[f], sQ, 16 * (MF * warp + f), D_T - 8);
+    }
+    __syncthreads();
+  }
 
   const float c = p.scale * kLog2e;
-  float o[HD::kN8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY};   // running max of rows row, row + 8 (base-2 scaled scores)
-  float l[2] = {0.f, 0.f};               // this lane's part of the running sums (quad-summed at the end)
+  float o[MF][HD::kN8][4] = {};
+  float m[MF][2], l[MF][2];   // running max of rows (base-2 scaled scores); this lane's part of the running sums
+#pragma unroll
+  for (int f = 0; f < MF; ++f) m[f][0] = m[f][1] = -INFINITY, l[f][0] = l[f][1] = 0.f;
   for (int j = 0; j < n_blocks; ++j) {
     if (j + 1 < n_blocks) load_kv(j + 1, (j + 1) & 1);
     cp_async_commit();
     cp_async_wait<1>();   // block j has landed (block j + 1 may still be in flight)
     __syncthreads();
-    const int s_ = j & 1, k0 = j * kBlockN;
+    const int s_ = j & 1, k0 = j * BN;
 
-    float s[NT][4] = {};
-    warp_gemm_nt<T, D_T>(s, qa, qa8, sK(s_));   // S = Q K^T, s[n] = C tile of keys k0 + 8n..
-    // Scale to base 2, add the bias and mask. Only blocks with padding, a tail or the diagonal pay for the mask.
-    const bool masked = p.kpm != nullptr || k0 + kBlockN > p.Nk || (p.causal && k0 + kBlockN - 1 > row0 + off);
+    // Skip the math of a warp whose rows all lie past Nq (never stored: the tail CTA of N = 2049 has one query)
+    // or, causal, of a block wholly past the diagonal of its last row (it adds exactly nothing: P = 0,
+    // alpha = 1). Warp-uniform, and no barrier inside.
+    if (row0 < p.Nq && (!p.causal || k0 <= row_last + off)) {
+      float s[MF][NT][4] = {};
+      // S = Q K^T, s[f][n] = C tile of fragment f, keys k0 + 8n..
+      warp_gemm_nt_frags<T, D_T, kQRegs>(s, qa, qa8, sQ, 16 * MF * warp, sK(s_));
+      // Scale to base 2, add the bias and mask. Only blocks with padding, a tail or the diagonal pay for the mask.
+      const bool masked = p.kpm != nullptr || k0 + BN > p.Nk || (p.causal && k0 + BN - 1 > row0 + off);
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const float2 km = masked ? *reinterpret_cast<const float2 *>(sMask(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
-      float2 bias[2];   // rows g, g + 8 of the warp's 16, keys 8n + 2t, +1
-      if constexpr (kBias)
+      for (int n = 0; n < NT; ++n) {
+        const float2 km = masked ? *reinterpret_cast<const float2 *>(sMask(s_) + 8 * n + 2 * t) : make_float2(0.f, 0.f);
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          bias[r] = *reinterpret_cast<const float2 *>(sBias(s_) + (16 * warp + g + 8 * r) * kBiasPitch + 8 * n + 2 * t);
+        for (int f = 0; f < MF; ++f) {
+          float2 bias[2];   // rows g, g + 8 of fragment f, keys 8n + 2t, +1
+          if constexpr (kBias)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {   // element e: row row + 8 (e >> 1), key k0 + 8n + 2t + (e & 1)
-        float x = s[n][e] * c;
-        if constexpr (kBias) x += ((e & 1) ? bias[e >> 1].y : bias[e >> 1].x) * kLog2e;   // -inf stays -inf
-        if (masked) {
-          x += (e & 1) ? km.y : km.x;
-          if (p.causal && k0 + 8 * n + 2 * t + (e & 1) > row + 8 * (e >> 1) + off) x = -INFINITY;
+            for (int r = 0; r < 2; ++r)
+              bias[r] = *reinterpret_cast<const float2 *>(sBias(s_) + (16 * (MF * warp + f) + g + 8 * r) * kBiasPitch +
+                                                          8 * n + 2 * t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {   // element e: row row0 + 16f + g + 8 (e >> 1), key k0 + 8n + 2t + (e & 1)
+            float x = s[f][n][e] * c;
+            if constexpr (kBias) x += ((e & 1) ? bias[e >> 1].y : bias[e >> 1].x) * kLog2e;   // -inf stays -inf
+            if (masked) {
+              x += (e & 1) ? km.y : km.x;
+              if (p.causal && k0 + 8 * n + 2 * t + (e & 1) > row0 + 16 * f + g + 8 * (e >> 1) + off) x = -INFINITY;
+            }
+            s[f][n][e] = x;
+          }
         }
-        s[n][e] = x;
       }
-    }
-    // Online softmax. A row with nothing visible so far keeps m = -inf; it uses 0 as its reference so that
-    // exp2(-inf - 0) = 0 (never -inf - -inf).
-    float m_ref[2], alpha[2];
+      // Online softmax. A row with nothing visible so far keeps m = -inf; it uses 0 as its reference so that
+      // exp2(-inf - 0) = 0 (never -inf - -inf).
+      uint32_t pa[MF][NT / 2][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
+      for (int f = 0; f < MF; ++f) {
+        float m_ref[2], alpha[2];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      mx = quad_max(mx);
-      m_ref[r] = mx == -INFINITY ? 0.f : mx;
-      alpha[r] = exp2_approx(m[r] - m_ref[r]);   // 0 while m[r] = -inf
-      m[r] = mx;
-      l[r] *= alpha[r];
-    }
+        for (int r = 0; r < 2; ++r) {
+          float mx = m[f][r];
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+          for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[f][n][2 * r], s[f][n][2 * r + 1]));
+          mx = quad_max(mx);
+          m_ref[r] = mx == -INFINITY ? 0.f : mx;
+          alpha[r] = exp2_approx(m[f][r] - m_ref[r]);   // 0 while m = -inf
+          m[f][r] = mx;
+          l[f][r] *= alpha[r];
+        }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2_approx(s[n][e] - m_ref[e >> 1]);
-        l[e >> 1] += s[n][e];
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[f][n][e] = exp2_approx(s[f][n][e] - m_ref[e >> 1]);
+            l[f][e >> 1] += s[f][n][e];
+          }
+#pragma unroll
+        for (int n = 0; n < HD::kN8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[f][n][e] *= alpha[e >> 1];
+        pack_a<T, NT>(pa[f], s[f]);
       }
-#pragma unroll
-    for (int n = 0; n < HD::kN8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
-    uint32_t pa[NT / 2][4];
-    pack_a<T, NT>(pa, s);
-    warp_gemm_nn<T, D_T>(o, pa, sV(s_));   // O += P V
+      warp_gemm_nn<T, D_T>(o, pa, sV(s_));   // O += P V
+    }
     __syncthreads();   // everyone is done with stage s_ before block j + 2 is loaded into it
   }
 
-  // Epilogue: normalise, stage O through shared memory (stage 0's K slot) for 16-byte stores; save lse.
+  // Epilogue: normalise, stage O through shared memory (sO) for 16-byte stores; save lse.
   // (The loop already ends on a barrier with no copy in flight; this one keeps the epilogue self-evident.)
   cp_async_wait<0>();
   __syncthreads();
-  float inv[2], lse[2];
+  float *L = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Nq;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(l[r]);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-    lse[r] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;   // sum > 0 implies a finite m
-  }
-  store_acc<T, D_T>(sK(0), 16 * warp, o, inv[0], inv[1]);
-  if (t == 0) {
-    float *L = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Nq;
-    if (row < p.Nq) L[row] = lse[0];
-    if (row + 8 < p.Nq) L[row + 8] = lse[1];
+  for (int f = 0; f < MF; ++f) {
+    float inv[2], lse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[f][r]);
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      lse[r] = sum > 0.f ? (m[f][r] + log2f(sum)) * kLn2 : -INFINITY;   // sum > 0 implies a finite m
+    }
+    store_acc<T, D_T>(sO, 16 * (MF * warp + f), o[f], inv[0], inv[1]);
+    const int row = row0 + 16 * f + g;
+    if (t == 0 && row < p.Nq) L[row] = lse[0];
+    if (t == 0 && row + 8 < p.Nq) L[row + 8] = lse[1];
   }
   __syncthreads();
   T *O = static_cast<T *>(p.o) + b * p.o_stride[0] + h * p.o_stride[1];
-  store_tile<T, D_T, kBlockM>(O, p.o_stride[2], q0, p.Nq, p.D, sK(0));
+  store_tile<T, D_T, BM>(O, p.o_stride[2], q0, p.Nq, p.D, sO);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,7 +842,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Attn
 
 template <int D_T, bool kBias>
 constexpr int dq_smem_bytes() {   // Q, dO tiles + two stages of (K tile, V tile, key mask) [+ two bias tiles]
-  return 2 * HeadDim<D_T>::kTileBytes + fwd_smem_bytes<D_T, kBias>();
+  return 2 * HeadDim<D_T>::kTileBytes + 2 * (2 * HeadDim<D_T>::kTileBytes + kBlockN * 4) +
+         (kBias ? 2 * kBlockM * kBiasPitch * 4 : 0);
 }
 
 template <typename T, int D_T, bool kBias>
@@ -881,12 +1017,13 @@ cudaError_t with_bias(const AttnParams &p, F &&f) {
 
 cudaError_t attention_fwd(const AttnParams &p, cudaStream_t stream) {
   if (!supported(p, false)) return cudaErrorInvalidValue;
-  const dim3 grid(blocks(p.Nq, kBlockM), p.Hq, p.B);
   IVMINI_DISPATCH_HALF(p.dtype, return with_head_dim(p.D, [&](auto d) {
     return with_bias(p, [&](auto has_bias) {
       constexpr int D_T = decltype(d)::value;
       constexpr bool kBias = decltype(has_bias)::value;
-      return launch(attention_fwd_kernel<scalar_t, D_T, kBias>, grid, fwd_smem_bytes<D_T, kBias>(), stream, p,
+      using Tiling = FwdTiling<D_T, kBias>;
+      const dim3 grid(blocks(p.Nq, Tiling::kRows), p.Hq, p.B);
+      return launch(attention_fwd_kernel<scalar_t, D_T, kBias>, grid, Tiling::kSmemBytes, stream, p,
                     p.Hq / p.Hkv);
     });
   }));

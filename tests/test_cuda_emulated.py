@@ -4,8 +4,10 @@ shared memory NaN-poisoned per block, launches rewritten into emu_launch), its i
 emulations written from the PTX ISA tables (tests/cuda_emu/ptx_emu.inc: mma.sync, ldmatrix, cp.async, ex2).
 Everything else -- tiling, masking, reductions, the host-side dispatch -- is the real code.
 
-attention.cu: 21 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
-all-padded sample, GQA, strided heads-last layouts, N = 0, 1, 257, sharp softmaxes; 4 with an additive bias:
+attention.cu: 22 cases (fp16/bf16, head dims 8..128 incl. 88, causal with Nq != Nk, key padding with an
+all-padded sample, GQA, strided heads-last layouts, N = 0, 1, 257, sharp softmaxes; the forward's 128-query
+CTAs with a partial last CTA (Nq 70, 129, 140, 150, 257), causal warps that skip whole key blocks, Q re-read
+from shared memory at D_T = 128; 4 with an additive bias (the 64-query forward):
 full (padded rows, or stored keys-major) and broadcast (1, 1, Nq, Nk), (B, 1, 1, Nk) strides, -inf entries and
 a whole -inf row, with causal Nq != Nk, key padding and GQA, dbias checked elementwise) against a float64
 reference, with NaN-poisoned outputs and canaries around every tensor (tests/cuda_emu/attention_check.cpp).
@@ -89,7 +91,7 @@ def checker(tmp_path_factory):
     return exe
 
 
-ATTENTION_CASES = 21   # 17 without a bias, 4 with one (tests/cuda_emu/attention_check.cpp, main)
+ATTENTION_CASES = 22   # 18 without a bias, 4 with one (tests/cuda_emu/attention_check.cpp, main)
 
 
 def test_flash_attention_cuda_source_runs_correctly_under_emulation(checker, seed):
@@ -109,8 +111,11 @@ def test_flash_attention_cuda_source_runs_correctly_under_emulation(checker, see
 # per-element error bounds from the dtype's rounding and the contract's fp32 arithmetic):
 #   rmsnorm  45 = fp32/fp16/bf16 x widths 1, 7, 13 (scalar path), 64, 1408 (vector path) x rows 1, 5, 33,
 #            num_partials 1/3/7 in turn (more blocks than rows: zero partials), padded strides on every other
-#            one; + unaligned (scalar path) 64 and 1408 per dtype, and 13000 bf16 / 9000 fp32 wide rows (re-read
-#            second pass, dw summed in place in dw_partial): forward y, rstd; backward dx, dw_partial
+#            one; + unaligned (scalar path) 64 and 1408 per dtype, 13000 bf16 / 9000 fp32 wide rows (re-read
+#            second pass, dw past the registers summed in place in dw_partial); + 7 at the limits of the
+#            backward's register-held dw sums: widths 8192 (16-bit) and 2047 (scalar) held, 8200 and 2049 just
+#            past them, odd 255 / 8191, 4 rows per block over 5- and 4-row chunks: forward y, rstd; backward dx,
+#            dw_partial
 #   gather   24 = fp32/fp16/bf16 x C 1, 13 (scalar), 40, 1416 (vector; 1416 in two channel chunks) x L 1, 2,
 #            pos (with dpos) on alternate cases, padded strides, an out-of-range index (N or -1) in every case;
 #            + unaligned x/pos/out/dout/dx per dtype (scalar path at C 40, 1416) and K = 1: out (bit-exact), dx
@@ -119,7 +124,7 @@ def test_flash_attention_cuda_source_runs_correctly_under_emulation(checker, see
 #            (several grid.z passes), C 8, 13, 72, N 1, 17, 40, B 1-2, padded x, unaligned x or fp32 operands
 #            (scalar loads/stores), few or many SMs (row tiles / warps per block): rowdot mu, rstd, s; colsum z;
 #            dx (rounded to the dtype)
-MEMORY_OPS = {"rmsnorm": 53, "gather": 31, "pool": 24}
+MEMORY_OPS = {"rmsnorm": 60, "gather": 31, "pool": 24}
 
 
 def emulated_attn_pool_source():

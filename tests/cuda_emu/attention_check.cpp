@@ -234,6 +234,7 @@ int main(int argc, char **argv) {
   add(kFloat16, 1, 1, 1, 257, 257, 88, true, false, true, 0);
   add(kBFloat16, 1, 2, 1, 100, 190, 88, false, true, false, 0); cases.back().qmul = 12.f; cases.back().name += " q*12";
   add(kFloat16, 1, 1, 1, 80, 300, 128, true, false, false, 0); cases.back().qmul = 8.f; cases.back().name += " q*8";
+  add(kBFloat16, 1, 2, 1, 140, 40, 112, false, true, true, 8);   // D_T 128 (Q re-read from shared): 2 CTAs, 12-row tail
   // bias cases: every one has -inf entries and a whole -inf row (see Bias)
   auto add_bias = [&](BiasLayout layout, const char *what) { cases.back().bias = layout; cases.back().name += what; };
   add(kFloat16, 2, 4, 2, 40, 100, 40, true, true, true, 8); add_bias(kFullPadded, " bias full");

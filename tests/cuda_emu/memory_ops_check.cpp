@@ -357,7 +357,8 @@ int main(int argc, char **argv) {
   if (op == "rmsnorm") {
     // every width x rows x dtype; partials 1, 3 and 7 in turn (3 and 7 > rows for rows 1 and 5: empty blocks
     // write zeros); odd cases with padded row strides. Widths 1, 7, 13 take the scalar path; 64, 1408 the
-    // vector one, plus unaligned (scalar) 64 / 1408 and a 13000-wide row (second pass re-reads, dw summed in place).
+    // vector one, plus unaligned (scalar) 64 / 1408, 13000 / 9000-wide rows (second pass re-reads, dw of the
+    // columns past the registers summed in place in dw_partial) and the cases below them.
     std::vector<Typed<NormCase>> cases;
     const int partials[3] = {1, 3, 7};
     int i = 0;
@@ -373,6 +374,16 @@ int main(int argc, char **argv) {
     }
     cases.push_back({kBFloat16, {3, 13000, 2, 8, 0}});
     cases.push_back({kFloat32, {2, 9000, 1, 0, 0}});
+    // the backward's register-held dw sums at their limits: the widest rows a team holds (8192 16-bit, 2047
+    // scalar: 256 threads), one pack past them (the wide kernel), odd widths up to 8191, and teams of several
+    // rows (widths 255, 1000: 4 rows per block) over chunks that are not a multiple of the rows per block
+    cases.push_back({kBFloat16, {3, 8192, 2, 0, 0}});
+    cases.push_back({kFloat16, {2, 8200, 1, 8, 0}});
+    cases.push_back({kFloat32, {3, 2047, 2, 0, 0}});
+    cases.push_back({kBFloat16, {2, 2049, 1, 0, 0}});
+    cases.push_back({kFloat32, {7, 255, 2, 8, 0}});
+    cases.push_back({kBFloat16, {5, 8191, 3, 0, 0}});
+    cases.push_back({kFloat16, {9, 1000, 2, 0, 0}});
     all = run_all(cases, which, [](auto t, const NormCase &c) { return norm_case<decltype(t)>(c); });
   } else if (op == "gather") {
     // every dtype x C x L, pos on alternate cases (dpos with it), every case an out-of-range index; C = 1, 13
