@@ -312,7 +312,7 @@ def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, 
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
     return attn_pool_math.forward(_POOL_OPS, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk,
-                             wv, bv, wo, bo, num_heads, eps)
+                                  wv, bv, wo, bo, num_heads, eps)
 
 
 def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
@@ -322,7 +322,7 @@ def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln
                    num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments."""
     return attn_pool_math.backward(_POOL_OPS, dout, _ready(x), ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq,
-                              wk, bk, wv, bv, wo, bo, xbar, z, num_heads, eps)
+                                   wk, bk, wv, bv, wo, bo, xbar, z, num_heads, eps)
 
 
 attn_pool_fwd, attn_pool_bwd = custom_ops.define("attn_pool", "cuda", _attn_pool_fwd, _attn_pool_bwd)

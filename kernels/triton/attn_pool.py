@@ -261,7 +261,7 @@ def _attn_pool_fwd(x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor, 
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (B, out_dim) in x.dtype; for the backward xbar (B, C) and z (B, H, C), fp32."""
     return attn_pool_math.forward(_OPS, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv, wo, bo,
-                             num_heads, eps)
+                                  num_heads, eps)
 
 
 def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
@@ -271,7 +271,7 @@ def _attn_pool_bwd(dout: torch.Tensor, x: torch.Tensor, ln_q_w: torch.Tensor, ln
                    num_heads: int, eps: float) -> list[torch.Tensor]:
     """Gradients of the 15 inputs, in the order of attn_pool's arguments, each in its input's dtype."""
     return attn_pool_math.backward(_OPS, dout, x, ln_q_w, ln_q_b, ln_k_w, ln_k_b, ln_v_w, ln_v_b, wq, bq, wk, bk, wv, bv,
-                              wo, bo, xbar, z, num_heads, eps)
+                                   wo, bo, xbar, z, num_heads, eps)
 
 
 attn_pool_fwd, attn_pool_bwd = custom_ops.define("attn_pool", "triton", _attn_pool_fwd, _attn_pool_bwd)

@@ -20,8 +20,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def autotune(gpu_configs, interp_config, key):
-    return triton.autotune(configs=[interp_config] if INTERPRET else gpu_configs, key=key)
+def autotune(gpu_configs, interp_config, key, prune=None):
+    """triton.autotune over gpu_configs (one interp_config under the interpreter). prune(configs, named_args,
+    **kwargs) -> the configs worth timing for this launch (Triton's early_config_prune), GPU only."""
+    if INTERPRET:
+        return triton.autotune(configs=[interp_config], key=key)
+    return triton.autotune(configs=gpu_configs, key=key,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)
 
 
 def compute_dtype(dtype):
