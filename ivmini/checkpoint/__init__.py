@@ -38,13 +38,25 @@ Stage-1 teacher loaders (models in ivmini/teachers.py; teachers are returned fro
     build_teachers(...)                    both teachers, real (paths) or small random ones (smoke runs)
 """
 from ..teachers import sinusoid_table
-from .internvideo2 import (OFFICIAL_KWARGS, export, load_official, official_config, official_kwargs,
+from .internvideo2 import (OFFICIAL_KWARGS, export, load_vision, official_config, official_kwargs,
                            rename_hf_layerscale, resize_pos_embeds)
 from .state_dicts import check_keys, read_state_dict, select_prefix
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
                        inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
 
-__all__ = ["read_state_dict", "select_prefix", "check_keys", "OFFICIAL_KWARGS", "official_config", "load_official",
+# load_official kind -> loader(state_dict_or_path, **keywords); the vision kinds share one loader
+LOADERS = {kind: (lambda src, _kind=kind, **kw: load_vision(_kind, src, **kw)) for kind in OFFICIAL_KWARGS}
+
+
+def load_official(kind, state_dict_or_path, **kwargs):
+    """The ivmini model equal to the official class of `kind` (see the module docstring), loaded strictly from a
+    state dict or a file."""
+    if kind not in LOADERS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {sorted(LOADERS)}")
+    return LOADERS[kind](state_dict_or_path, **kwargs)
+
+
+__all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_keys", "OFFICIAL_KWARGS", "official_config", "load_official",
            "rename_hf_layerscale", "resize_pos_embeds", "official_kwargs", "export", "INTERNVL_C_TEXT_KEYS",
            "VIDEOMAE_V2_OTHER_KEYS", "OPENAI_CLIP_TEXT_KEYS", "inflate_patch_weight", "load_internvl_c",
            "load_videomae_v2", "load_openai_clip_visual", "build_teachers", "sinusoid_table"]

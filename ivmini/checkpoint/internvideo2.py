@@ -108,9 +108,10 @@ def resize_pos_embeds(sd, cfg: VisionConfig, orig_t_size=None):
     return sd
 
 
-def load_official(kind, state_dict_or_path, *, prefix="auto", ignore=(), orig_t_size=None, weights_only=True,
-                  **official_kwargs) -> VideoViT:
-    """Build the ivmini model equal to the official `kind` class and load the checkpoint strictly."""
+def load_vision(kind, state_dict_or_path, *, prefix="auto", ignore=(), orig_t_size=None, weights_only=True,
+                **official_kwargs) -> VideoViT:
+    """Build the ivmini video encoder equal to the official `kind` class (one of OFFICIAL_KWARGS) and load the
+    checkpoint strictly (load_official's vision kinds)."""
     cfg = official_config(kind, **official_kwargs)
     sd = read_state_dict(state_dict_or_path, weights_only=weights_only)
     sd = rename_hf_layerscale(select_prefix(sd, prefix))
