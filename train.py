@@ -8,7 +8,7 @@
 
 Reads top to bottom: config -> process group -> data -> model (FSDP2) -> optimizer and schedule ->
 resume -> loop -> final checkpoint. What differs between stages (data, towers, loss) lives in
-ivmini/stages.py; everything distributed (sharding, agreement, faults, checkpoints) in ivmini/dist.py.
+ivmini/stages/; everything distributed (sharding, agreement, faults, checkpoints) in ivmini/dist.py.
 Every field of TrainConfig (ivmini/config.py) is an option: --name=value, --name value or
 --set name=value; the stage's own options (cfg.task) also as --task.name=value.
 
@@ -38,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import kernels
 from ivmini import dist, runs, stages
 from ivmini.config import RECIPES, TrainConfig, option, train_config
-from ivmini.data.datasets import ShardedSampler, make_loader
+from ivmini.data.datasets import make_loader
 
 log = logging.getLogger("ivmini.train")
 
@@ -162,11 +162,11 @@ def train(cfg, stage, rank, world, device, lock):
     with dist.rank_zero_first():
         try:
             dataset = stage.dataset(cfg)
-        except (OSError, ValueError) as e:      # a missing or wrong annotation file: the message names it
+            sampler = stage.sampler(dataset, cfg, rank, world)      # this rank's batches, resumable at a batch
+        except (OSError, ValueError) as e:      # a missing or wrong annotation file, too few samples: named
             raise runs.RunError(f"--data: {e}") from None
-    sampler = ShardedSampler(len(dataset), rank, world, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accum
-    steps_per_epoch = len(sampler) // per_step
+    steps_per_epoch = len(sampler) // cfg.accum
     if steps_per_epoch == 0:
         raise runs.RunError(f"{len(dataset)} samples over {world} ranks cannot fill one step of "
                             f"{cfg.batch_size} x {cfg.accum} clips per rank")
@@ -204,9 +204,10 @@ def train(cfg, stage, rank, world, device, lock):
         """Micro-batches from the data position of `step` on: epoch and offset follow from the step."""
         epoch, offset = divmod(step, steps_per_epoch)
         while True:
-            sampler.set_epoch(epoch, start=offset * per_step)
+            sampler.set_epoch(epoch, start=offset * cfg.accum)
             dataset.set_epoch(epoch)
-            for batch in make_loader(dataset, cfg.batch_size, sampler, cfg.workers):
+            for batch in make_loader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                                     seed=cfg.seed * 100_003 + epoch):
                 yield epoch, batch
             epoch, offset = epoch + 1, 0
 

@@ -155,8 +155,43 @@ class DistillTask:
 
 
 @dataclass
+class AlignTask:
+    """Stage 2, video-text alignment (paper §3.2; facts §3): VTC + VTM + MLM with a BERT text tower."""
+    phase: str = "masked"            # masked: random masking, every tower trained | unmasked: vision frozen, no mask
+    num_frames: int = 4              # frames per video (official 4); an image is one frame
+    img_size: int = 0                # input resolution; 0 = the preset's
+    mask_ratio_video: float = 0.8    # share of a video's patches dropped (phase masked)
+    mask_ratio_image: float = 0.5    # share of an image's patches dropped (phase masked)
+    vision_init: str = "auto"        # stage-1 run, checkpoint or export to start from; auto = newest under runs/stage1
+    text_model: str = ""             # HF BERT directory (config.json, weights, vocab.txt); "" = all-MiniLM-L6-v2
+    fusion_layer: int = 4            # text layers [0, fusion_layer) encode, the rest fuse with the video
+    text_pool: str = "mean"          # text feature: cls (official) | mean (all-MiniLM-L6-v2, whose [CLS] is constant)
+    text_ckpt: bool = False          # recompute the text layers' activations in the backward (saves memory)
+    max_txt_l: int = 32              # tokens per caption incl. [CLS] and [SEP]; longer ones are truncated (counted)
+    embed_dim: int = 128             # contrastive embedding width (official 512)
+    temp: float = 0.07               # initial contrastive temperature (learned, clamped to [0.001, 0.5])
+    loss_vtc: float = 1.0            # weight of the video-text contrastive loss
+    loss_vtm: float = 1.0            # weight of the video-text matching loss
+    loss_mlm: float = 1.0            # weight of the masked language modelling loss
+    mlm_prob: float = 0.5            # share of caption tokens masked for MLM
+    vtm_hard_negatives: bool = True  # VTM negatives drawn by similarity (else uniformly)
+
+    def problems(self):
+        ratio = lambda v: 0 <= v < 1  # noqa: E731
+        return _problems(self, [
+            ("phase", lambda v: v in ("masked", "unmasked"), "masked or unmasked"),
+            ("num_frames", lambda v: v >= 1, "at least 1"),
+            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
+            ("mask_ratio_video", ratio, "in [0, 1)"), ("mask_ratio_image", ratio, "in [0, 1)"),
+            ("fusion_layer", lambda v: v >= 1, "at least 1"), ("max_txt_l", lambda v: v >= 3, "at least 3"),
+            ("text_pool", lambda v: v in ("cls", "mean"), "cls or mean"),
+            ("embed_dim", lambda v: v >= 1, "at least 1"), ("temp", lambda v: 0.001 <= v <= 0.5, "in [0.001, 0.5]"),
+            ("mlm_prob", lambda v: 0 < v < 1, "in (0, 1)")])
+
+
+@dataclass
 class TrainConfig:
-    stage: int = 1                   # training stage (see ivmini/stages.py)
+    stage: int = 1                   # training stage (see ivmini/stages/)
     preset: str = "tiny"             # model size: tiny | S | B | L | 1B | 6B
     data: str = ""                   # annotation file; "" = the synthetic world (generated on first use)
     data_root: str = ""              # root of the paths inside `data` (default: the annotation file's folder)
@@ -187,7 +222,7 @@ class TrainConfig:
     keep_ckpts: int = 2              # checkpoints kept (the newest)
     max_skips: int = 10              # non-finite steps skipped before the run aborts (exit code 3)
     max_bad_data: float = 0.01       # share of the samples drawn that may fail to decode before the run stops (4)
-    task: DistillTask = field(default_factory=DistillTask)   # the stage's own options (--task.NAME or --NAME)
+    task: DistillTask | AlignTask = field(default_factory=DistillTask)   # the stage's own options (--task.NAME)
 
     def problems(self):
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
@@ -229,7 +264,24 @@ def stage1(preset="tiny") -> TrainConfig:
     return cfg
 
 
-RECIPES = {1: stage1}
+def stage2(preset="tiny") -> TrainConfig:
+    """Stage 2. 1B: the official MM scripts/pretraining/stage2/1B/config.py (facts §3.1): BERT-large split at layer
+    19, 4 frames, captions of 32 tokens, batch 64 per GPU, AdamW lr 5e-5 (not scaled by the batch), betas
+    (0.9, 0.98), eps 1e-8, wd 0.05, clip 3, 10 epochs with 1 of warmup, cosine to 1% of the peak; text layers
+    recomputed. Pass the BERT directory with --text-model and the stage-1 model with --vision-init. tiny: the
+    synthetic world, all-MiniLM-L6-v2 split 4 + 2, a few hundred CPU steps."""
+    cfg = TrainConfig(stage=2, preset=preset, out="runs/stage2", base_lr=5e-5, min_lr=5e-7, lr_scaling="none",
+                      eps=1e-8, task=AlignTask())
+    if preset == "tiny":
+        return replace(cfg, base_lr=1e-4, min_lr=1e-6, max_steps=300, warmup_steps=20)
+    if preset in ("1B", "6B"):
+        return replace(cfg, batch_size=64, epochs=10, warmup_epochs=1, ckpt_every=1000, log_every=50, workers=8,
+                       task=AlignTask(fusion_layer=19, text_pool="cls", text_ckpt=True,
+                                      embed_dim=512 if preset == "1B" else 768, max_txt_l=32 if preset == "1B" else 40))
+    return cfg
+
+
+RECIPES = {1: stage1, 2: stage2}
 
 
 def _has(obj, name):

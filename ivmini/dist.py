@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -257,24 +257,30 @@ def all_reduce_mean(values):
 
 
 class AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of its own slice (summed over ranks),
-    for contrastive losses over the global batch (stage 2)."""
+    """all_gather + cat along dim 0 for contrastive losses over the global batch (stage 2 VTC), with the
+    official backward (MM models/utils.py AllGather): each rank keeps only ITS OWN SLICE of the incoming
+    gradient, with no all-reduce. Why that is the whole gradient: every rank computes the same loss over
+    the same gathered batch, so the gradient that arrives here on rank r, restricted to rank r's rows, is
+    already d(loss)/d(rank r's rows); the other ranks' copies of it are identical, and summing them (an
+    all-reduce) would scale the contrastive gradient by the world size. The FSDP/DDP mean over ranks
+    then gives the parameters d(loss)/d(params) / world_size, as the official DeepSpeed run does."""
 
     @staticmethod
     def forward(ctx, x):
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
+        ctx.n = x.shape[0]
+        return torch.cat(out)                                        # (world * B, ...)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        start = dist.get_rank() * ctx.n
+        return grad[start:start + ctx.n]                             # (B, ...) this rank's rows only
 
 
 def all_gather_with_grad(x):
+    """x (B, ...) -> (world * B, ...), rank-major; differentiable as AllGatherWithGrad. Every rank must
+    pass the same B. Without a process group (or with one rank) x itself."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return AllGatherWithGrad.apply(x)
@@ -375,9 +381,10 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _check_index(path):
+    """The checkpoint's DCP index, read with only the classes an index holds (-> Metadata)."""
     try:
         with open(os.path.join(path, ".metadata"), "rb") as f:
-            _MetadataUnpickler(io.BytesIO(f.read())).load()
+            return _MetadataUnpickler(io.BytesIO(f.read())).load()
     except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError) as e:
         raise ValueError(f"{path}/.metadata is not a plain checkpoint index ({e}); refusing to load it") from e
 
@@ -409,11 +416,18 @@ def load_checkpoint(path, model, optimizer):
     if not os.path.isfile(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"{path} is not a complete ivmini checkpoint (no COMPLETE marker)")
     meta = read_meta(path)
-    _check_index(path)
+    saved = _check_index(path).state_dict_metadata.keys()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    # get_state_dict gives every trained parameter an optimizer state (a zero-gradient step); the checkpoint has
+    # states only for parameters that had a gradient by then (e.g. not the image position table before the first
+    # image batch). Those stay without state, as in the run that wrote the checkpoint: resume stays exact.
+    optim_sd["state"] = {fqn: s for fqn, s in optim_sd["state"].items()
+                         if any(f"optim.state.{fqn}.{name}" in saved for name in s)}
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict=False only lets those parameters stay without state; dcp.load above already required every key
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     rank_file = os.path.join(path, f"rank_{dist.get_rank()}.pt")
     if meta["world_size"] == dist.get_world_size() and os.path.isfile(rank_file):
         try:

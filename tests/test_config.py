@@ -22,7 +22,25 @@ def test_recipes_carry_the_official_numbers():
     tiny = train_config(1, "tiny")
     assert tiny.epochs == 0 and tiny.max_steps == 300 and tiny.task == type(tiny.task)(
         num_frames=8, img_size=0, mask_ratio=0.8, clip_return_layer=2, mae_return_layer=2)
-    assert sorted(RECIPES) == [1]
+    assert sorted(RECIPES) == [1, 2]
+
+
+def test_stage2_recipe_carries_the_official_numbers():
+    """1B: MM scripts/pretraining/stage2/1B/config.py (facts §3.1); tiny: MiniLM with mean pooling."""
+    big = train_config(2, "1B")
+    assert (big.batch_size, big.epochs, big.warmup_epochs, big.base_lr, big.min_lr, big.lr_scaling) == \
+        (64, 10, 1, 5e-5, 5e-7, "none")
+    assert (big.beta1, big.beta2, big.eps, big.weight_decay, big.clip_grad) == (0.9, 0.98, 1e-8, 0.05, 3.0)
+    t = big.task
+    assert (t.fusion_layer, t.embed_dim, t.num_frames, t.max_txt_l, t.text_pool, t.text_ckpt) == \
+        (19, 512, 4, 32, "cls", True)
+    assert (t.mask_ratio_video, t.mask_ratio_image, t.mlm_prob, t.temp, t.vtm_hard_negatives) == \
+        (0.8, 0.5, 0.5, 0.07, True)
+    tiny = train_config(2)
+    assert (tiny.out, tiny.task.fusion_layer, tiny.task.text_pool, tiny.task.vision_init) == \
+        ("runs/stage2", 4, "mean", "auto")
+    with pytest.raises(ValueError, match="--task.phase='frozen' must be masked or unmasked"):
+        train_config(2, phase="frozen")
 
 
 def test_command_line_sets_top_level_and_task_options():
@@ -67,7 +85,7 @@ def test_help_lists_every_option_with_its_comment_and_the_recipe_default():
     for name in ("--max-steps=300", "--epochs=301", "--batch-size=32", "--clip-return-layer=6", "--act-ckpt=True"):
         assert name in out, name
     assert "student blocks distilled from the multimodal teacher" in out
-    assert "Stages: 1." in out
+    assert "Stages: 1, 2." in out
     lines = [line for line in out.splitlines() if line.startswith("  --") and "=" in line.split()[0]]
     assert len(lines) == len([f for f in TrainConfig.__dataclass_fields__ if f != "task"]) + \
         len(train_config(1).task.__dataclass_fields__)

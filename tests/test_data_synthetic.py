@@ -1,6 +1,6 @@
 """The synthetic world (ivmini/data/synthetic.py): determinism, a round trip from the decoded mp4s back to the
 metadata (shape centres within a pixel, colours, motions, pitch, beep count), held-out splits, the annotation
-formats, atomic generation with its marker, and the CLI with its contact sheet."""
+formats (stage-2 stills included), atomic generation with its marker, and the CLI with its contact sheet."""
 import csv
 import json
 import os
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ivmini.data import synthetic as S
+from ivmini.data.video import read_image
 
 N, SIZE = 40, 64            # 40 clips: every held-out combination reaches val/test; ~1 s to generate
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +188,15 @@ def test_every_annotation_parses_and_points_at_a_video(world):
             assert list(csv.reader(f)) == [[v, str(m["label"])] for v, m in zip(videos, metas)]
         assert all(S.CLASSES[m["label"]] == m["label_name"] and S.MOTIONS[m["label"]] == m["phases"][0] for m in metas)
         stage2 = load(world, f"stage2_{split}.json")
+        stage2, stills = stage2[:len(metas)], stage2[len(metas):]       # every clip, then every clip's still
         assert [r["video"] for r in stage2] == videos
+        assert stills == [{"image": f"images/{m['id']}.png", "caption": m["image_caption"]} for m in metas]
+        for r, m in zip(stills, metas):     # the still is the rendered frame (lossless), at the shapes' base size
+            assert caption_re.match(r["caption"]) and "then" not in r["caption"], r
+            assert r["caption"] == " and ".join(f"a {o['size']} {o['colour']} {o['shape']}" for o in m["objects"])
+            assert all(abs(o["scales"][m["image_frame"]] - 1) < 0.05 for o in m["objects"]), m["phases"]
+            still = S.render(S.sample_clip(0, int(m["id"])), SIZE)[m["image_frame"]]
+            assert np.array_equal(read_image(world / r["image"])[0].numpy(), still), r
         for r, m in zip(stage2, metas):
             assert set(r) == {"video", "caption", "audio_caption", "av_caption"}
             assert all(caption_re.match(r[k]) for k in ("caption", "audio_caption", "av_caption")), r

@@ -7,6 +7,7 @@ package knows files. One module per source, everything importable from ivmini.ch
                        export: a training run -> one file in the official stage-1 layout
                        (python -m ivmini.checkpoint export RUN OUT)
     teachers.py        stage-1 teachers: load_internvl_c, load_videomae_v2, load_openai_clip_visual, build_teachers
+    stage2.py          stage 2: load_stage2 (kind "stage2"), its key maps and export arguments, init_vision_from_stage1
 
 Loading is strict everywhere: every missing, unexpected or mis-shaped key is an error that names it,
 unless it matches a pattern in `ignore=` (fnmatch syntax; ignored keys keep the model's own values).
@@ -19,6 +20,10 @@ load_official kinds (the official class each reproduces, key for key):
     "finetune"         single_modality InternVideo2 (fc_norm + head)
     "stage2_vision"    multi_modality PretrainInternVideo2 (backbone + clip decoders [+ image pos embeds])
     "clip_vision"      multi_modality InternVideo2 of the CLIP variant (backbone + pool)
+    "bert_mlm"         xbert BertForMaskedLM (bert.* + cls.*), keywords: BertConfig's (text.py: load_bert_mlm)
+    "stage2"           InternVideo2_Stage2_visual (vision_encoder.*, text_encoder.{bert,cls}.*, vision_proj,
+                       text_proj, itm_head, temp), keywords vision= (stage2_vision's), text= (BertConfig's),
+                       embed_dim=, temp=, mlp_act= (stage2.py: load_stage2)
 The keyword arguments are the official constructor's, with the official defaults; an unknown one is
 an error. ivmini adds `mlp_act` ("gelu_tanh" | "gelu"; default: tanh when use_fused_mlp, which is the
 official default and what the released weights were trained with) and `orig_t_size` (frames of the
@@ -41,11 +46,15 @@ from ..teachers import sinusoid_table
 from .internvideo2 import (OFFICIAL_KWARGS, export, load_vision, official_config, official_kwargs,
                            rename_hf_layerscale, resize_pos_embeds)
 from .state_dicts import check_keys, read_state_dict, select_prefix
+from .text import bert_from_official, bert_to_official, load_bert_mlm, load_hf_bert, minilm_path
+from .stage2 import init_vision_from_stage1, load_stage2, stage2_from_official, stage2_kwargs, stage2_to_official
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
                        inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
 
 # load_official kind -> loader(state_dict_or_path, **keywords); the vision kinds share one loader
 LOADERS = {kind: (lambda src, _kind=kind, **kw: load_vision(_kind, src, **kw)) for kind in OFFICIAL_KWARGS}
+LOADERS["bert_mlm"] = load_bert_mlm
+LOADERS["stage2"] = load_stage2
 
 
 def load_official(kind, state_dict_or_path, **kwargs):
@@ -56,7 +65,10 @@ def load_official(kind, state_dict_or_path, **kwargs):
     return LOADERS[kind](state_dict_or_path, **kwargs)
 
 
-__all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_keys", "OFFICIAL_KWARGS", "official_config", "load_official",
-           "rename_hf_layerscale", "resize_pos_embeds", "official_kwargs", "export", "INTERNVL_C_TEXT_KEYS",
-           "VIDEOMAE_V2_OTHER_KEYS", "OPENAI_CLIP_TEXT_KEYS", "inflate_patch_weight", "load_internvl_c",
-           "load_videomae_v2", "load_openai_clip_visual", "build_teachers", "sinusoid_table"]
+__all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_keys", "OFFICIAL_KWARGS",
+           "official_config", "load_official", "rename_hf_layerscale", "resize_pos_embeds", "official_kwargs",
+           "export", "INTERNVL_C_TEXT_KEYS", "VIDEOMAE_V2_OTHER_KEYS", "OPENAI_CLIP_TEXT_KEYS",
+           "inflate_patch_weight", "load_internvl_c", "load_videomae_v2", "load_openai_clip_visual",
+           "build_teachers", "sinusoid_table", "bert_from_official", "bert_to_official", "load_bert_mlm",
+           "load_hf_bert", "minilm_path", "load_stage2", "stage2_from_official", "stage2_to_official",
+           "stage2_kwargs", "init_vision_from_stage1"]

@@ -149,16 +149,24 @@ def official_kwargs(cfg: VisionConfig):
 
 def export(ckpt, out):
     """Consolidate a sharded training checkpoint (a step_* directory, or a run folder: its newest
-    checkpoint) into `out` (.pt: a plain state dict with the official stage-1 key names, or .safetensors)
-    and write the load_official arguments next to it (`out` with .json)."""
+    checkpoint) into `out` (.pt: a plain state dict with the official key names, or .safetensors) and write
+    the load_official kind and arguments next to it (`out` with .json). A stage-1 run (meta.json's
+    model_config a VisionConfig) gives the stage-1 layout; a stage-2 run (an AlignConfig, with a "bert"
+    entry) the official stage-2 layout (ivmini/checkpoint/stage2.py). Returns (checkpoint path, kind, kwargs)."""
     from ..dist import consolidate, latest_checkpoint
     path = latest_checkpoint(ckpt) or latest_checkpoint(os.path.join(ckpt, "checkpoints"))
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint at {ckpt}")
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    cfg = VisionConfig(**meta["model_config"])   # train.py writes the trained model's VisionConfig
     state = {k: v.detach().clone().contiguous() for k, v in consolidate(path).items()}
+    if "bert" in meta["model_config"]:           # stage 2: train.py writes the trained model's AlignConfig
+        from ..align import AlignConfig
+        from .stage2 import stage2_kwargs, stage2_to_official
+        kind, cfg = "stage2", AlignConfig(**meta["model_config"])
+        state, kwargs = stage2_to_official(state), stage2_kwargs(cfg)
+    else:                                        # stage 1: the student's VisionConfig
+        kind, kwargs = "stage1_pretrain", official_kwargs(VisionConfig(**meta["model_config"]))
     tmp = out + ".tmp"
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -166,7 +174,6 @@ def export(ckpt, out):
     else:
         torch.save(state, tmp)
     os.replace(tmp, out)
-    kwargs = official_kwargs(cfg)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"kind": "stage1_pretrain", "step": meta["step"], "kwargs": kwargs}, f, indent=1)
-    return path, kwargs
+        json.dump({"kind": kind, "step": meta["step"], "kwargs": kwargs}, f, indent=1)
+    return path, kind, kwargs

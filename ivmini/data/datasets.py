@@ -15,7 +15,8 @@ a file without samples.
 
 Robust loading: a video or audio that cannot be decoded (ivmini.data.DecodeError, and only that; a
 text file, a picture, a FIFO or a read past the time limit are DecodeErrors too, see video.py) is
-skipped: the sample is replaced by the next index, and the batch reports every skipped record as a
+skipped: the sample is replaced by the next index of the same media type (an image by an image, so a
+batch still stacks), and the batch reports every skipped record as a
 (path, reason) pair under "skipped". __getitem__ tries each record at most once, then raises DataError
 naming examples: never an endless retry. How many failures are too many is not decided here, because
 each DataLoader worker holds its own copy of the dataset: the training loop (and eval) counts samples
@@ -25,11 +26,13 @@ than 1 % of the drawn samples, after a grace of 10 failures).
 Determinism: each sample's randomness (frame choice, crop, flip, audio window, caption choice) comes
 from a numpy Generator seeded with (seed, epoch, index), so it does not depend on worker count or
 order; ShardedSampler gives each rank its slice of a per-epoch permutation and can start mid-epoch,
-so a resumed run sees exactly the samples it would have seen.
+so a resumed run sees exactly the samples it would have seen. MediaBatchSampler does the same for
+stage 2's mixed image/video data in batches of one media type each (the official MetaLoader).
 """
 import codecs
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -44,6 +47,7 @@ from .audio import audio_features, read_audio
 from .transforms import get_transform, make_rng
 from .video import DEFAULT_TIMEOUT, DecodeError, read_frames, read_image
 
+log = logging.getLogger("ivmini.data")
 DATA_HINT = "pass the list with --data and the videos' folder with --data-root"
 
 
@@ -146,15 +150,25 @@ def _load_json_list(path):
 
 
 def read_stage2_json(path):
+    """Errors name the file and the entry's index in the list (0-based)."""
     records = []
     for i, item in enumerate(_load_json_list(path)):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: entry {i}: expected an object, got {item!r}")
         media = "video" if "video" in item else "image" if "image" in item else None
         if media is None:
-            _fail(path, i, f"entry has neither 'video' nor 'image': {item}")
-        caps = {k: pre_text(v) for k, v in item.items() if "caption" in k and isinstance(v, str)}
-        alts = [pre_text(c) for c in item.get("captions", [])]
+            raise ValueError(f"{path}: entry {i}: has neither 'video' nor 'image': {item}")
+        alts = item.get("captions", [])
+        if not (isinstance(alts, list) and all(isinstance(c, str) for c in alts)):
+            raise ValueError(f"{path}: entry {i}: 'captions' must be a list of strings, got {alts!r}")
+        caps = {k: v for k, v in item.items() if "caption" in k and k != "captions"}
+        wrong = {k: v for k, v in caps.items() if not isinstance(v, str)}
+        if wrong:
+            raise ValueError(f"{path}: entry {i}: caption keys must hold a string (a list goes under "
+                             f"'captions'), got {wrong}")
+        caps, alts = {k: pre_text(v) for k, v in caps.items()}, [pre_text(c) for c in alts]
         if not caps and not alts:
-            _fail(path, i, f"entry has no caption: {item}")
+            raise ValueError(f"{path}: entry {i}: has no caption (a 'caption' string or a 'captions' list): {item}")
         records.append(Record(item[media], media=media, captions=caps, caption_list=alts,
                               start=item.get("start"), end=item.get("end")))
     return _some(path, records)
@@ -258,10 +272,14 @@ class VideoDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index):
-        """Sample `index`, or the next decodable one after it; at most len(self) records are tried."""
+        """Sample `index`, or the next decodable one of the same media type after it (a batch of images
+        must stay images to stack); each record is tried at most once."""
+        media = self.records[index].media
         skipped = []                                        # (record path, reason) of each failed record
         for attempt in range(len(self.records)):
             j = (index + attempt) % len(self.records)
+            if self.records[j].media != media:
+                continue
             try:
                 sample = self.load(j, make_rng(self.seed, self.epoch, j))
             except DecodeError as e:
@@ -270,8 +288,9 @@ class VideoDataset(torch.utils.data.Dataset):
             sample["skipped"] = skipped
             return sample
         examples = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-        raise DataError(f"none of the {len(self)} samples (data root {self.root}) could be decoded. "
-                        f"Examples: {examples}")
+        tried = sum(r.media == media for r in self.records)
+        raise DataError(f"none of the {tried} samples of media type {media!r} (data root {self.root}) could be "
+                        f"decoded. Examples: {examples}")
 
 
 class DecodeFailures:
@@ -363,6 +382,73 @@ class ShardedSampler(torch.utils.data.Sampler):
         return -(-self.n // self.world) - self.start
 
 
+class MediaBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for one rank, each batch of a single media type (the official stage-2
+    MetaLoader: one loader per media type, one media type per optimizer step). A DataLoader batch_sampler:
+
+        sampler = MediaBatchSampler([r.media for r in dataset.records], batch_size, rank, world, seed=seed)
+        sampler.set_epoch(epoch, start=batches_already_consumed_this_epoch)
+        loader = make_loader(dataset, batch_sampler=sampler, num_workers=workers)
+
+    Per epoch, for each media type (sorted by name): a permutation of its indices drawn from (seed, epoch),
+    cut into global batches of world_size x batch_size with the remainder dropped; rank r takes the r-th
+    slice of each, so ranks never overlap and all get the same number of batches of each type. The order
+    of the types over the epoch is a shuffle drawn from the same (seed, epoch) stream. The official code
+    draws this order on rank 0 and broadcasts it; here every rank computes the identical order from the
+    seed, which gives the same result without a collective (and without a process group in tests).
+
+    accum: batches per optimizer step. The order is shuffled in groups of `accum` batches of one type
+    and each type's batch count is cut to a multiple of accum, so the micro-batches of a step share a type.
+    set_epoch(epoch, start): start = batches of that epoch already consumed (resume mid-epoch).
+    num_batches: batches per epoch (the same every epoch); len(): the batches left from `start` on, the
+    whole epoch when start=0 (as ShardedSampler).
+    """
+
+    def __init__(self, media, batch_size, rank=0, world_size=1, seed=0, accum=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or accum < 1:
+            raise ValueError(f"batch_size ({batch_size}) and accum ({accum}) must be positive")
+        self.batch_size, self.rank, self.world, self.seed, self.accum = batch_size, rank, world_size, seed, accum
+        self.types = sorted(set(media))
+        self.members = {t: np.array([i for i, m in enumerate(media) if m == t]) for t in self.types}
+        per_step = batch_size * world_size * accum          # samples of one type one optimizer step takes
+        self.counts = {t: len(self.members[t]) // per_step * accum for t in self.types}   # batches per rank
+        self.num_batches = sum(self.counts.values())
+        if self.num_batches == 0:
+            sizes = ", ".join(f"{len(self.members[t])} {t}" for t in self.types) or "no samples"
+            raise ValueError(f"{sizes} over {world_size} ranks cannot fill one step of {accum} x {batch_size} "
+                             f"samples of one media type per rank")
+        for t in self.types:
+            if self.counts[t] == 0:
+                log.warning("the %d %s samples cannot fill one step of %d x %d per rank over %d ranks: "
+                            "none are used", len(self.members[t]), t, accum, batch_size, world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        if not 0 <= start <= self.num_batches:
+            raise ValueError(f"start {start} is outside the epoch's {self.num_batches} batches")
+        self.epoch, self.start = epoch, start
+
+    def batches(self):
+        """This rank's batches of the epoch -> list of lists of dataset indices."""
+        rng = make_rng(self.seed, self.epoch)
+        per_type = {}
+        for t in self.types:                                # the same draws, in the same order, on every rank
+            n = self.counts[t]
+            order = self.members[t][rng.permutation(len(self.members[t]))]
+            per_type[t] = iter(order[:n * self.world * self.batch_size]          # (n, world, batch) -> (n, batch)
+                               .reshape(n, self.world, self.batch_size)[:, self.rank].tolist())
+        groups = [t for t in self.types for _ in range(self.counts[t] // self.accum)]
+        return [next(per_type[groups[g]]) for g in rng.permutation(len(groups)) for _ in range(self.accum)]
+
+    def __iter__(self):
+        return iter(self.batches()[self.start:])
+
+    def __len__(self):
+        return self.num_batches - self.start
+
+
 def worker_init_fn(worker_id):
     """Seed python/numpy in each worker from the loader's base seed (for any library randomness;
     ivmini's own sampling uses per-sample seeds and does not need it). Workers ignore SIGINT and
@@ -376,8 +462,19 @@ def worker_init_fn(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, sampler, num_workers=0, pin_memory=None, drop_last=True):
+def make_loader(dataset, batch_size=None, sampler=None, num_workers=0, pin_memory=None, drop_last=True, *,
+                batch_sampler=None, seed=0):
+    """A DataLoader over `dataset` with collate: either batch_size + sampler (ShardedSampler) or
+    batch_sampler (MediaBatchSampler, which yields whole batches), not both. The loader draws its workers'
+    base seed from its own generator seeded with `seed`, not from torch's global one: starting a loader
+    then leaves the global RNG (stage 2's MLM masking and VTM negatives) alone, so a resumed run, whose
+    loader starts at another point, draws what the uninterrupted run draws."""
+    given = (batch_size is not None, sampler is not None, batch_sampler is not None)
+    if given not in ((True, True, False), (False, False, True)):
+        raise ValueError("make_loader takes either batch_size and sampler, or batch_sampler")
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=pin, drop_last=drop_last,
-                                       worker_init_fn=worker_init_fn, persistent_workers=False)
+    batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
+        dict(batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, collate_fn=collate, pin_memory=pin,
+                                       worker_init_fn=worker_init_fn, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed), **batching)

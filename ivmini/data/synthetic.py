@@ -14,7 +14,8 @@ seeded with (seed, clip index) only, so any worker count gives the same bytes.
              tells the size of the first-named shape: large -> low (400 Hz), small -> high (1200 Hz).
              The beep count is only in the sound (and in the audio and fused captions).
     text     caption "a large red square moves left, then moves up"; audio_caption "three high beeps";
-             av_caption "<caption> with three high beeps" / "<caption> in silence"; label = the first
+             av_caption "<caption> with three high beeps" / "<caption> in silence"; image_caption "a large
+             red square" (what a still shows: size, colour, shape); label = the first
              phase's motion (CLASSES); QA on colour, shape, motion ("what does it do at the end?"),
              order ("what does it do first?", two-phase clips) and beep count, each with 4 options.
     splits   clip i is train when i % 20 < 14, val for 14-16, test for 17-19. Combinations in HELD_OUT
@@ -23,8 +24,11 @@ seeded with (seed, clip index) only, so any worker count gives the same bytes.
 
 Layout under DIR (annotation paths are relative to DIR); COMPLETE is written last, then one os.replace:
     videos/<id>.mp4, README.txt, COMPLETE, annotations/classes.json (label -> class name)
+    images/<id>.png                    one still per clip: the first frame where the shapes have their base
+                                       size (the first frame unless they grow or shrink), so "large" holds
     annotations/stage1_<split>.txt     "synthetic videos/<id>.mp4 2 -1 -1 <label>" (single_modality list)
-    annotations/stage2_<split>.json    [{"video", "caption", "audio_caption", "av_caption"}]
+    annotations/stage2_<split>.json    [{"video", "caption", "audio_caption", "av_caption"}, ...] (every clip),
+                                       then [{"image", "caption": image_caption}, ...] (every clip's still)
     annotations/retrieval_<split>.json [{"video", "caption"}]  (VINDLU eval format)
     annotations/classify_<split>.csv   "videos/<id>.mp4,<label>"  (Kinetics csv, no header)
     annotations/instruct_<split>.json  [{"video", "QA": [{"i", "q", "a", "options", "answer_idx", "type"}]}]
@@ -33,7 +37,8 @@ Left and right are labels here: train on this world without horizontal flips.
 
     python -m ivmini.data.synthetic --out DIR [--n 400] [--size 112] [--seed 0] [--workers 2]
     python -m ivmini.data.synthetic --out DIR --contact-sheet sheet.png   # 6 clips x 8 decoded frames (contact_sheet.py)
-2-core CPU, 112 px: ~43 clips/s with 1 worker, ~78 with 2; 400 clips = 6 MB of video + 1 MB of annotations.
+2-core CPU, 112 px: ~43 clips/s with 1 worker, ~78 with 2; 400 clips = 6 MB of video, 2 MB of stills
+and 1 MB of annotations.
 """
 import argparse
 import json
@@ -48,7 +53,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("ivmini.data")
 
-VERSION = 1                     # bump when the world changes: it is part of the cache directory name
+VERSION = 2                     # bump when the world changes: it is part of the cache directory name
 DEFAULT_N = 400                 # enough for a CPU smoke run of every stage, ~10 s to generate
 FPS, SECONDS, SR = 8, 2, 16000
 T = FPS * SECONDS               # 16 frames
@@ -185,7 +190,7 @@ def captions(clip):
     audio = {"beeps": f"{NUMBERS[n]} {snd['pitch']} beep" + "s" * (n > 1), "tone": f"a steady {snd['pitch']} tone",
              "noise": "a soft hiss of noise", "silence": "silence"}[snd["kind"]]
     av_caption = f"{visual} in silence" if snd["kind"] == "silence" else f"{visual} with {audio}"
-    return {"caption": visual, "audio_caption": audio, "av_caption": av_caption}
+    return {"caption": visual, "audio_caption": audio, "av_caption": av_caption, "image_caption": subject}
 
 
 def _mc(rng, answer, pool, must=()):
@@ -318,20 +323,34 @@ def write_mp4(path, frames, audio):
         c.mux(a.encode())
 
 
+def write_still(path, img):
+    """uint8 (H, W, 3) -> a lossless PNG through FFmpeg's png encoder (~3 ms at 112 px; the zlib level 9 of
+    contact_sheet.write_png takes ~10 ms, a quarter of a clip's time)."""
+    with av.open(path, "w", format="image2") as c:
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
+        c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
 def make_clip(job):
     """Worker: sample, render, encode clip i into dir -> its meta record (pure function of the job)."""
     root, i, size, seed = job
     clip = sample_clip(seed, i)
-    video = f"videos/{clip['id']}.mp4"
-    write_mp4(os.path.join(root, video), render(clip, size), soundtrack(clip))
+    video, image = f"videos/{clip['id']}.mp4", f"images/{clip['id']}.png"
+    frames = render(clip, size)
+    write_mp4(os.path.join(root, video), frames, soundtrack(clip))
+    still = int(np.argmin(np.abs(np.log(program(clip["phases"])[1]))))   # the first frame at base size
+    write_still(os.path.join(root, image), frames[still])
     r3 = lambda a: np.round(np.asarray(a), 3).tolist()   # noqa: E731  (compact, stable json)
     objects = [{**{k: o[k] for k in ("colour", "shape", "size")}, "rgb": list(COLOURS[o["colour"]]),
                 "radius_px": round(tr["radius_px"], 3), "positions": r3(tr["positions"]),
                 "scales": r3(tr["scales"]), "angles": r3(tr["angles"])}
                for o, tr in zip(clip["objects"], tracks(clip, size))]
     snd = dict(clip["sound"], onsets_s=r3(beep_onsets(clip["sound"]["beeps"])) if clip["sound"]["beeps"] else [])
-    return {"id": clip["id"], "video": video, "split": clip["split"], "novel": clip["novel"],
-            "held_out": clip["held_out"], "label": clip["label"], "label_name": CLASSES[clip["label"]],
+    return {"id": clip["id"], "video": video, "image": image, "image_frame": still, "split": clip["split"],
+            "novel": clip["novel"], "held_out": clip["held_out"], "label": clip["label"],
+            "label_name": CLASSES[clip["label"]],
             "phases": clip["phases"], "objects": objects, "sound": snd, "background_seed": clip["background_seed"],
             **captions(clip), "QA": qa_pairs(clip, seed)}
 
@@ -354,7 +373,9 @@ def write_annotations(root, records):
         with open(os.path.join(ann, f"classify_{split}.csv"), "w") as f:
             f.writelines(f"{r['video']},{r['label']}\n" for r in rs)
         keep = lambda *keys: [{k: r[k] for k in keys} for r in rs]   # noqa: E731
-        _dump(os.path.join(ann, f"stage2_{split}.json"), keep("video", "caption", "audio_caption", "av_caption"))
+        stills = [{"image": r["image"], "caption": r["image_caption"]} for r in rs]
+        _dump(os.path.join(ann, f"stage2_{split}.json"), keep("video", "caption", "audio_caption", "av_caption")
+              + stills)
         _dump(os.path.join(ann, f"retrieval_{split}.json"), keep("video", "caption"))
         _dump(os.path.join(ann, f"instruct_{split}.json"), keep("video", "QA"))
         _dump(os.path.join(ann, f"meta_{split}.json"), [{k: v for k, v in r.items() if k != "QA"} for r in rs])
@@ -383,6 +404,7 @@ def generate(out, n=DEFAULT_N, size=112, seed=0, workers=None, progress=False, o
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "videos"))
+    os.makedirs(os.path.join(tmp, "images"))
     jobs = [(tmp, i, size, seed) for i in range(n)]
     workers = workers or min(os.cpu_count() or 1, 8)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -440,6 +462,7 @@ def main(argv=None):
     else:
         out = generate(args.out, args.n, args.size, args.seed, args.workers, progress=True)
     print(f"world: {out}\n  videos:      {out}/videos/ ({len(os.listdir(os.path.join(out, 'videos')))} mp4)\n"
+          f"  images:      {out}/images/ ({len(os.listdir(os.path.join(out, 'images')))} png)\n"
           f"  annotations: {out}/annotations/ ({', '.join(sorted(os.listdir(os.path.join(out, 'annotations'))))})")
     if args.contact_sheet:
         from .contact_sheet import contact_sheet

@@ -1,15 +1,4 @@
-"""What differs between the training stages: the data, the models and the loss.
-
-train.py calls, for STAGES[cfg.stage] (cfg.task holds the stage's own options):
-    dataset(cfg) -> torch Dataset          (the synthetic world when cfg.data is empty)
-    build(cfg, device) -> (model, frozen)  model: the one trained nn.Module (any number of towers), with
-                                           `.cfg`, a dataclass saved in checkpoints; frozen: {name: module}
-                                           never trained (teachers); parameters with requires_grad=False
-                                           inside `model` are frozen parts of it (not optimised)
-    forward_loss(model, frozen, batch, cfg, epoch) -> (loss tensor, {name: float} for logging)
-    flops_per_clip(model, frozen, cfg) -> model FLOPs per clip (for MFU)
-
-Stage 1 (paper §3.1; facts §2): unmasked-token distillation. Per batch of 16-frame clips:
+"""Stage 1 (paper §3.1; facts §2): unmasked-token distillation. Per batch of 16-frame clips:
     the multimodal teacher sees frames[::2] frame by frame -> last-K layer tokens, pooled output and
         the pool attention over each frame's patches
     the motion teacher sees all 16 frames (tubelet 2)      -> last-K layer tokens
@@ -19,39 +8,23 @@ Stage 1 (paper §3.1; facts §2): unmasked-token distillation. Per batch of 16-f
         teachers' tokens at the same positions: loss = clip_middle + clip_final + mae (each 2 - 2 cos)
 """
 import logging
-import os
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 
-from .checkpoint import build_teachers
-from .config import vision_config
-from .data import synthetic
-from .data.datasets import VideoDataset, read_stage1_list
-from .losses import gather_targets, stage1_distill_losses
-from .masking import num_visible, semantic_visible_idx
-from .vit import VideoViT, count_params
+from ..checkpoint import build_teachers
+from ..config import vision_config
+from ..data.datasets import VideoDataset, read_stage1_list
+from ..losses import gather_targets, stage1_distill_losses
+from ..masking import num_visible, semantic_visible_idx
+from ..vit import VideoViT, count_params
+from .common import Batches, data_paths, sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
 
-def sample_seed(seed, epoch, index):
-    """A per-sample seed that does not depend on the rank, the worker or the batch composition."""
-    return int(np.random.SeedSequence([seed, epoch, int(index), 1]).generate_state(1)[0])
-
-
-def _data_paths(cfg):
-    """(annotation file, root of its paths): cfg.data, or the synthetic world's stage-1 train list."""
-    if cfg.data:
-        return cfg.data, cfg.data_root or os.path.dirname(os.path.abspath(cfg.data))
-    world = synthetic.ensure_world()
-    return os.path.join(world, "annotations", "stage1_train.txt"), world
-
-
-def stage1_dataset(cfg):
+def dataset(cfg):
     t = cfg.task
-    path, root = _data_paths(cfg)
+    path, root = data_paths(cfg, "stage1_train.txt")
     # 2 x num_frames frames, TSN-sampled: the motion teacher takes all, the student and the
     # multimodal teacher take frames[::2] (official td_ratio = 2)
     return VideoDataset(read_stage1_list(path), root, num_frames=2 * t.num_frames,
@@ -59,7 +32,11 @@ def stage1_dataset(cfg):
                         seed=cfg.seed)
 
 
-def stage1_build(cfg, device):
+def sampler(dataset, cfg, rank, world):
+    return Batches(len(dataset), cfg.batch_size, rank, world, seed=cfg.seed)
+
+
+def build(cfg, device):
     t = cfg.task
     size = t.img_size or vision_config(cfg.preset).img_size
     mm, motion = build_teachers(t.teacher_multimodal, t.teacher_motion, multimodal_kind=t.teacher_multimodal_kind,
@@ -79,7 +56,7 @@ def stage1_build(cfg, device):
     return student.to(device), {"teacher_multimodal": mm.to(device), "teacher_motion": motion.to(device)}
 
 
-def stage1_forward_loss(student, teachers, batch, cfg, epoch):
+def forward_loss(student, teachers, batch, cfg, epoch):
     t = cfg.task
     video = batch["video"].to(student.pos_embed.device, non_blocking=True)   # (B, 3, 2T, H, W), normalised
     frames = video[:, :, ::2]                                      # (B, 3, T, H, W): student + multimodal teacher
@@ -96,7 +73,7 @@ def stage1_forward_loss(student, teachers, batch, cfg, epoch):
     return losses["loss"], {k: float(v.detach()) for k, v in losses.items()}
 
 
-def stage1_flops_per_clip(student, teachers, cfg):
+def flops_per_clip(student, teachers, cfg):
     """Model FLOPs per clip, the usual 6 x params x tokens for the trained student (forward + backward)
     and 2 x params x tokens for the teachers (forward only); attention's N^2 terms left out."""
     t, n = cfg.task, student.cfg.grid ** 2
@@ -104,6 +81,3 @@ def stage1_flops_per_clip(student, teachers, cfg):
     return (6 * count_params(student) * visible + 2 * count_params(teachers["teacher_multimodal"]) * t.num_frames
             * (1 + n) + 2 * count_params(teachers["teacher_motion"]) * t.num_frames * n)
 
-
-STAGES = {1: SimpleNamespace(dataset=stage1_dataset, build=stage1_build, forward_loss=stage1_forward_loss,
-                             flops_per_clip=stage1_flops_per_clip)}

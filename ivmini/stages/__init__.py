@@ -1,0 +1,20 @@
+"""What differs between the training stages: the data, the models and the loss. One module per stage.
+
+train.py calls, for STAGES[cfg.stage] (cfg.task holds the stage's own options):
+    dataset(cfg) -> torch Dataset          (the synthetic world when cfg.data is empty)
+    sampler(dataset, cfg, rank, world)     this rank's batches: an iterable of index lists with
+                                           len() = batches per epoch (equal on every rank) and
+                                           set_epoch(epoch, start) skipping `start` batches (exact resume)
+    build(cfg, device) -> (model, frozen)  model: the one trained nn.Module (any number of towers), with
+                                           `.cfg`, a dataclass saved in checkpoints; frozen: {name: module}
+                                           never trained (teachers); parameters with requires_grad=False
+                                           inside `model` are frozen parts of it (not optimised)
+    forward_loss(model, frozen, batch, cfg, epoch) -> (loss tensor, {name: float} for logging)
+    flops_per_clip(model, frozen, cfg) -> model FLOPs per clip (for MFU)
+
+stage1.py  unmasked-token distillation from a multimodal and a motion teacher (paper §3.1)
+stage2.py  video-text alignment: VTC, VTM, MLM with a BERT text tower (paper §3.2)
+"""
+from . import stage1, stage2
+
+STAGES = {1: stage1, 2: stage2}
