@@ -163,6 +163,8 @@ class AlignTask:
     mask_ratio_video: float = 0.8    # share of a video's patches dropped (phase masked)
     mask_ratio_image: float = 0.5    # share of an image's patches dropped (phase masked)
     vision_init: str = "auto"        # stage-1 run, checkpoint or export to start from; auto = newest under runs/stage1
+    init: str = ""                   # a stage-2 run or export whose weights (every tower) start this run, e.g. the
+                                     # unmasked phase after the masked one; overrides vision_init
     text_model: str = ""             # HF BERT directory (config.json, weights, vocab.txt); "" = all-MiniLM-L6-v2
     fusion_layer: int = 4            # text layers [0, fusion_layer) encode, the rest fuse with the video
     text_pool: str = "mean"          # text feature: cls (official) | mean (all-MiniLM-L6-v2, whose [CLS] is constant)

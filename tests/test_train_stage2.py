@@ -73,6 +73,20 @@ def test_resume_is_bit_identical(tmp_path, world, minilm):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_unmasked_phase_starts_from_the_masked_run_with_the_vision_tower_frozen(tmp_path, world, minilm):
+    """--phase=unmasked --init=RUN on 2 ranks (FSDP2 with a frozen tower inside the trained module): every weight
+    starts from the masked run; the vision tower stays as it was, the text tower and the heads move."""
+    stage2(tmp_path / "masked", world, "--max-steps=2", "--batch-size=4")
+    proc = stage2(tmp_path / "unmasked", world, "--max-steps=2", "--batch-size=2", "--phase=unmasked",
+                  f"--init={tmp_path / 'masked'}", nproc=2)
+    assert "from the stage-2 weights" in proc.stdout + proc.stderr
+    before, after = final_params(tmp_path / "masked"), final_params(tmp_path / "unmasked")
+    vision = [k for k in before if k.startswith("vision_encoder.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    for name in ("text_proj.weight", "text_encoder.bert.layer.0.attn.qkv.weight", "itm_head.weight"):
+        assert not torch.equal(before[name], after[name]), name
+
+
 def test_from_stage1_learns_and_exports(tmp_path, world, minilm):
     """Stage 1 (2 steps) -> stage 2 from it (the log says so): over 100 steps at a fixed lr the loss and VTC fall
     (measured: 8.3 -> 3.4 and 2.13 -> 1.66, means of the first and last 10 steps) and text-to-video retrieval

@@ -13,7 +13,7 @@ import os
 import torch
 
 from ..align import AlignConfig, VideoTextModel, stage2_visible_idx
-from ..checkpoint import init_vision_from_stage1, read_state_dict
+from ..checkpoint import check_keys, init_vision_from_stage1, read_state_dict, stage2_from_official
 from ..config import vision_config
 from ..data.datasets import MediaBatchSampler, VideoDataset, read_stage2_json
 from ..dist import consolidate, latest_checkpoint
@@ -65,6 +65,17 @@ def _stage1_state(vision_init):
     return read_state_dict(vision_init), f"from {vision_init}"
 
 
+def _stage2_state(src):
+    """(the weights of a stage-2 run / checkpoint folder (ivmini names) or export (the official stage-2 layout),
+    where, whether they are in the official layout) for task.init."""
+    if not os.path.isdir(src):
+        return read_state_dict(src), src, True
+    path = latest_checkpoint(src) or latest_checkpoint(os.path.join(src, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"--init={src}: no complete checkpoint there")
+    return consolidate(path), path, False
+
+
 def _decoder_sizes(sd, width):
     """The stage-1 clip-decoder sizes a stage-1 state dict holds (the stage-2 encoder keeps those heads, unused,
     so that its checkpoints have the official layout); without one, the smallest heads: one layer of `width`."""
@@ -79,10 +90,16 @@ def _decoder_sizes(sd, width):
 def build(cfg, device):
     t = cfg.task
     size = t.img_size or vision_config(cfg.preset).img_size
-    stage1, how = _stage1_state(t.vision_init)
+    if t.init:                                # every tower from a stage-2 run (e.g. the unmasked phase)
+        stage2, where, official = _stage2_state(t.init)
+        stage1, how = None, f"from the stage-2 weights {where}"
+        vision_sd = {k.removeprefix("vision_encoder."): v for k, v in stage2.items()}
+    else:
+        stage1, how = _stage1_state(t.vision_init)
+        vision_sd = stage1
     vision = vision_config(cfg.preset, heads="align", num_frames=t.num_frames, img_size=size,
                            sep_image_video_pos_embed=True,
-                           **_decoder_sizes(stage1, vision_config(cfg.preset).embed_dim))
+                           **_decoder_sizes(vision_sd, vision_config(cfg.preset).embed_dim))
     text = load_hf_bert(text_dir(cfg), fusion_layer=t.fusion_layer, encoder_width=vision.embed_dim, mlm=True)
     text.cfg.gradient_checkpointing = t.text_ckpt
     tok = tokenizer(text_dir(cfg))
@@ -93,7 +110,10 @@ def build(cfg, device):
                        mask_token_id=tok.mask_token_id, text_pool=t.text_pool)
     torch.manual_seed(cfg.seed)
     model = VideoTextModel(acfg, text_encoder=text).train()
-    if stage1 is not None:
+    if t.init:                                # strict: another architecture is an error naming the keys
+        sd, _ = check_keys(model, stage2_from_official(stage2, acfg) if official else stage2)
+        model.load_state_dict(sd)
+    elif stage1 is not None:
         init_vision_from_stage1(model, stage1)
     if t.phase == "unmasked":                 # post-pretraining: only the text side and the heads learn
         model.vision_encoder.requires_grad_(False)
