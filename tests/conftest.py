@@ -47,3 +47,10 @@ def minilm():
         return minilm_path()
     except MiniLMUnavailable as e:
         pytest.skip(f"all-MiniLM-L6-v2: no local copy and the download failed: {e}")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world at 56 px (4 x 4 patches per frame: fast on CPU), for the training tests."""
+    from ivmini.data import synthetic
+    return synthetic.generate(str(tmp_path_factory.mktemp("w") / "world"), n=40, size=56, seed=3, workers=1)

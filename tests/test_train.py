@@ -13,15 +13,8 @@ import torch
 
 from ivmini import dist
 from ivmini.checkpoint import load_official
-from ivmini.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A small synthetic world at 56 px (4 x 4 patches per frame: fast on CPU)."""
-    return synthetic.generate(str(tmp_path_factory.mktemp("w") / "world"), n=40, size=56, seed=3, workers=1)
 
 
 def env():

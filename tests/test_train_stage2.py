@@ -7,28 +7,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from ivmini import dist
 from ivmini.checkpoint import load_official
-from ivmini.data import synthetic
 from ivmini.evaluate import load_run, retrieval
 from ivmini.stages.stage2 import tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A small synthetic world at 56 px (4 x 4 patches per frame: fast on CPU)."""
-    return synthetic.generate(str(tmp_path_factory.mktemp("w") / "world"), n=40, size=56, seed=3, workers=1)
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "IVMINI_BACKEND")}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return e
+from test_train import ROOT, env, final_params, metrics   # the world fixture is in conftest.py
 
 
 def run(*args, nproc=1, check=True):
@@ -44,15 +29,6 @@ def stage2(out, world, *args, **kw):
     return run("--stage", "2", "--out", str(out), "--data", os.path.join(world, "annotations", "stage2_train.json"),
                f"--data-root={world}", "--img-size=56", "--workers=0", "--log-every=1", "--vision-init=",
                "--max-txt-l=16", *args, **kw)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def final_params(out):
-    return dist.consolidate(dist.latest_checkpoint(os.path.join(out, "checkpoints")))
 
 
 def test_resume_is_bit_identical(tmp_path, world, minilm):
