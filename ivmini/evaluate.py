@@ -1,12 +1,27 @@
-"""Zero-shot text-to-video retrieval by contrastive similarity (ITC), the measure of what stage 2 learned.
+"""Zero-shot evaluation of stage-2 (video-text) models: retrieval, classification, multiple choice. eval.py is
+the command line; the computation is here, as functions the tests call.
 
-    videos (4 frames, middle sampling, square resize, no masking) -> vision_proj(pool) -> L2-normalised
-    captions (pre_text, WordPiece, max_txt_l) -> text_proj([CLS] after the text layers) -> L2-normalised
-    sim = text x video cosines (temperature 1, as the official ITC scores); a caption's rank = the position of
-    its own video among all videos (ties counted against it). R@k = share of captions ranked < k.
+Retrieval (facts §3.8, the official retrieval_utils.evaluation / itm_eval):
+    videos (4 frames, middle sampling, square resize without crop, no masking) -> vision_proj(pool), normalised
+    captions (pre_text, WordPiece, max_txt_l) -> text_proj(text feature), normalised
+    itc (Nt, Nv) = text x video cosines (temperature 1)
+    ITM re-rank: for each text its top-k videos by ITC, for each video its top-k texts, scored with the fusion
+    layers + itm_head(...)[:, 1] (the positive logit); every other entry -100
+    score sets   sim:   t2v = itc,                     v2t = itc^T
+                 dsl:   t2v = itc * softmax(itc, 0),   v2t = itc^T * softmax(itc^T, 0)   (dual softmax)
+                 match: t2v = itm_t2v,                 v2t = itm_v2t
+    The official code row-softmaxes every set before ranking; a softmax is monotonic along the row, so ranks
+    are taken on the scores before it (float32 softmax would only add ties). A query's rank = how many
+    candidates score at least as high as its best ground truth, less one (ties count against it).
+    Metrics (official names, percent): v2t_r1/5/10, v2t_r_mean, t2v_r1/5/10, t2v_r_mean, r_mean.
+Classification (facts §3.9): class names x the 16 official action templates (TEMPLATES), each through
+pre_text; the (videos x texts) ITC matrix is softmax-ed over the texts (the stage-2 official scores), reshaped
+(Nv, n_cls, 16) and averaged over the templates (score ensembling, not embedding averaging).
+Multiple choice: each option becomes a caption (MSR-VTT MC: the option as given; the synthetic world's QA:
+"<question> <option>", through pre_text); the option with the highest score wins, by ITC and by ITM.
 
-The full protocol (ITM re-ranking, dual softmax, v2t, classification) is eval.py's; this is the ITC core it
-builds on. Used by tests/test_train_stage2.py and `python -m ivmini.evaluate RUN`.
+`load_run`, `itc_features`, `t2v_ranks` and `retrieval` are the ITC-only core used by tests/test_train_stage2.py
+and `python -m ivmini.evaluate RUN`. Tests: tests/test_eval.py.
 """
 import argparse
 import json
@@ -14,10 +29,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .align import AlignConfig, VideoTextModel
 from .data import synthetic
-from .data.datasets import VideoDataset, collate, read_eval_json
+from .data.datasets import DataError, Record, VideoDataset, collate, pre_text, read_eval_json
+from .data.transforms import make_rng
+from .data.video import DecodeError
 from .dist import consolidate, latest_checkpoint, read_meta
 from .text import WordPieceTokenizer, minilm_path
 
@@ -86,6 +104,337 @@ def synthetic_subsets(world, split="test"):
         meta = json.load(f)
     return {name: {m["video"] for m in meta if m["novel"] == novel} for name, novel in (("seen", False),
                                                                                         ("novel", True))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the full protocol (eval.py): checkpoints, features, ITM re-ranking, score sets, metrics
+
+# the official kinetics_templates_action_clip (multi_modality dataset/text_prompt.py), in their order
+TEMPLATES = [
+    "a photo of action {}", "a picture of action {}", "Human action of {}", "{}, an action", "{} this is an action",
+    "{}, a video of action", "Playing action of {}", "{}", "Playing a kind of action, {}",
+    "Doing a kind of action, {}", "Look, the human is {}", "Can you recognize the action of {}?",
+    "Video classification of {}", "A video of {}", "The man is {}", "The woman is {}",
+]
+
+
+class CheckpointKindError(ValueError):
+    """A checkpoint of a kind the task does not accept; the message names the kinds it does."""
+
+
+def load_model(ckpt, task, accepts=("stage2",), spec=None):
+    """ckpt: a run folder / step_* folder, or a file (an export, or an official release) with its load_official
+    arguments in `spec` (default: the .json beside it, as `python -m ivmini.checkpoint export` writes)
+    -> (model in eval mode, info {kind, step, num_frames, max_txt_l, text_model} (None where the file says nothing))."""
+    if os.path.isdir(ckpt):
+        path = latest_checkpoint(ckpt) or latest_checkpoint(os.path.join(ckpt, "checkpoints"))
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint at {ckpt}")
+        meta = read_meta(path)
+        kind = "stage2" if "bert" in meta["model_config"] else "stage1"
+        _check_kind(ckpt, kind, task, accepts)
+        model, meta = load_run(path)
+        t = meta["config"]["task"]
+        return model, {"kind": kind, "step": meta["step"], "num_frames": t["num_frames"],
+                       "max_txt_l": t["max_txt_l"], "text_model": t["text_model"] or None, "source": path}
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    spec = spec or os.path.splitext(ckpt)[0] + ".json"
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{ckpt} has no {spec} beside it saying its kind and arguments: pass --spec JSON "
+                                f'({{"kind": "stage2", "kwargs": {{...load_official keywords}}}}, as '
+                                f"`python -m ivmini.checkpoint export` writes) or --ckpt a run folder")
+    with open(spec) as f:
+        desc = json.load(f)
+    _check_kind(ckpt, desc["kind"], task, accepts)
+    from .checkpoint import load_official    # the checkpoint package is only needed for files
+    model = load_official(desc["kind"], ckpt, **desc.get("kwargs", {}))
+    return model, {"kind": desc["kind"], "step": desc.get("step"), "num_frames": None, "max_txt_l": None,
+                   "text_model": None, "source": ckpt}
+
+
+def _check_kind(ckpt, kind, task, accepts):
+    if kind not in accepts:
+        raise CheckpointKindError(f"{ckpt} is a {kind!r} checkpoint; `eval.py {task}` accepts kind "
+                                  f"{' or '.join(map(repr, accepts))} (a stage-2 run or checkpoint folder, or a "
+                                  f"file exported from one / released as load_official kind 'stage2')")
+
+
+@torch.no_grad()
+def encode_videos(model, records, root, *, num_frames, size, batch_size=16, progress=False):
+    """Each record's video -> (tokens (Nv, 1+N, C), features (Nv, E) normalised, kept indices, failed
+    [(path, reason)]). Videos that fail to decode are left out and listed (the caller decides what that means)."""
+    data = VideoDataset(records, root, num_frames=num_frames, size=size, transform="test", sample="middle",
+                        flip=False)
+    samples, kept, failed = [], [], []
+    for i in range(len(records)):
+        try:
+            samples.append(data.load(i, make_rng(0, 0, i)))      # "middle" sampling draws nothing: rng unused
+            kept.append(i)
+        except DecodeError as e:
+            failed.append((records[i].path, e.reason))
+    tokens, feats = [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc="videos", unit="batch", disable=not progress):
+        tok, pooled = model.encode_vision(collate(samples[start:start + batch_size])["video"])
+        tokens.append(tok)
+        feats.append(F.normalize(model.vision_proj(pooled), dim=-1))
+    if not samples:
+        return None, None, kept, failed
+    return torch.cat(tokens), torch.cat(feats), kept, failed
+
+
+@torch.no_grad()
+def encode_texts(model, texts, tokenizer, max_txt_l, batch_size=64, progress=False):
+    """-> (tokens (Nt, L, H) after the text layers, attention (Nt, L), features (Nt, E) normalised)."""
+    enc = tokenizer(texts, padding=True, max_length=max_txt_l)       # one common L for all texts
+    ids, atts = enc["input_ids"], enc["attention_mask"]
+    tokens, feats = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress):
+        tok, feat = model.encode_text(ids[start:start + batch_size], atts[start:start + batch_size])
+        tokens.append(tok)
+        feats.append(F.normalize(model.text_proj(feat), dim=-1))
+    return torch.cat(tokens), atts, torch.cat(feats)
+
+
+def itm_scorer(model, text_tokens, text_atts, vision_tokens):
+    """-> score(text_idx (n,), video_idx (n,)) -> (n,): itm_head's positive logit on the fusion layers' [CLS]."""
+    @torch.no_grad()
+    def score(t, v):
+        out = model.text_encoder.bert(encoder_embeds=text_tokens[t], attention_mask=text_atts[t],
+                                      encoder_hidden_states=vision_tokens[v], mode="fusion")
+        return model.itm_head(out.last_hidden_state[:, 0])[:, 1]
+    return score
+
+
+def rerank(itc, k, scorer, batch_size=64, progress=False):
+    """itc (Nt, Nv) -> (itm_t2v (Nt, Nv), itm_v2t (Nv, Nt)): scorer(t, v) on each text's top-k videos and each
+    video's top-k texts by ITC, -100 everywhere else. A pair in both top-k lists is scored once."""
+    Nt, Nv = itc.shape
+    top_v = itc.topk(min(k, Nv), dim=1).indices                              # (Nt, k) videos of each text
+    top_t = itc.T.topk(min(k, Nt), dim=1).indices                            # (Nv, k) texts of each video
+    flat = torch.cat([(torch.arange(Nt)[:, None] * Nv + top_v).flatten(),
+                      (top_t * Nv + torch.arange(Nv)[:, None]).flatten()]).unique()   # pair t, v -> t * Nv + v
+    table = torch.full((Nt * Nv,), float("nan"), dtype=torch.float64)
+    for start in tqdm(range(0, len(flat), batch_size), desc="ITM re-rank", unit="batch", disable=not progress):
+        pairs = flat[start:start + batch_size]
+        table[pairs] = scorer(pairs // Nv, pairs % Nv).double()
+    table = table.view(Nt, Nv)
+    t2v = torch.full((Nt, Nv), -100.0, dtype=torch.float64).scatter_(1, top_v, table.gather(1, top_v))
+    v2t = torch.full((Nv, Nt), -100.0, dtype=torch.float64).scatter_(1, top_t, table.T.gather(1, top_t))
+    return t2v, v2t
+
+
+def score_sets(itc, itm_t2v=None, itm_v2t=None):
+    """The official score sets (module docstring) -> {name: (t2v (Nt, Nv), v2t (Nv, Nt))}, float64."""
+    s = torch.as_tensor(itc).double()
+    sets = {"sim": (s, s.T), "dsl": (s * s.softmax(dim=0), s.T * s.T.softmax(dim=0))}
+    if itm_t2v is not None:
+        sets["match"] = (torch.as_tensor(itm_t2v).double(), torch.as_tensor(itm_v2t).double())
+    return sets
+
+
+def best_ranks(scores, truths):
+    """scores (Nq, Nc); truths: per query its ground-truth candidates -> (Nq,) the rank (0 = first) of the best
+    ranked one: candidates scoring at least as high, less itself (ties count against the query)."""
+    scores = torch.as_tensor(scores)
+    return torch.tensor([min(int((scores[q] >= scores[q, c]).sum()) - 1 for c in cands)
+                         for q, cands in enumerate(truths)])
+
+
+def recall_metrics(t2v_ranks, v2t_ranks):
+    """Ranks -> the official itm_eval metrics, in percent."""
+    out = {}
+    for name, r in (("v2t", torch.as_tensor(v2t_ranks)), ("t2v", torch.as_tensor(t2v_ranks))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float((r < k).double().mean()) if r.numel() else float("nan")
+        out[f"{name}_r_mean"] = (out[f"{name}_r1"] + out[f"{name}_r5"] + out[f"{name}_r10"]) / 3
+    out["r_mean"] = (out["t2v_r_mean"] + out["v2t_r_mean"]) / 2
+    return out
+
+
+def retrieval_metrics(sets, owner, subsets=None):
+    """sets: score_sets(...); owner (Nt,) the video of each caption; subsets {name: bool (Nv,)} of videos also
+    reported alone (their captions for t2v, the videos for v2t, ranked among all candidates)
+    -> (metrics {set: {"all": {...}, subset: {...}}}, ranks {set: {"t2v": [...], "v2t": [...]}})."""
+    owner = torch.as_tensor(owner)
+    Nv = sets["sim"][0].shape[1]
+    captions_of = [torch.nonzero(owner == v).flatten().tolist() for v in range(Nv)]
+    groups = {"all": torch.ones(Nv, dtype=torch.bool)} | {n: torch.as_tensor(m) for n, m in (subsets or {}).items()}
+    metrics, ranks = {}, {}
+    for name, (t2v, v2t) in sets.items():
+        rt = best_ranks(t2v, [[int(v)] for v in owner])
+        rv = best_ranks(v2t, captions_of)
+        metrics[name] = {g: recall_metrics(rt[keep[owner]], rv[keep]) for g, keep in groups.items()}
+        ranks[name] = {"t2v": rt.tolist(), "v2t": rv.tolist()}
+    return metrics, ranks
+
+
+def refuse_missing(failed, what):
+    if failed:
+        listed = "; ".join(f"{p}: {r}" for p, r in failed[:10])
+        raise DataError(f"{len(failed)} {what} could not be decoded, so no result is reported (every query and "
+                        f"target must be present): {listed}")
+
+
+def retrieval_eval(model, records, root, tokenizer, *, num_frames=4, size=None, max_txt_l=32, k=128, itm=True,
+                   batch_size=16, subsets=None, progress=False):
+    """Records with caption_list -> (result {protocol facts, metrics, ranks}, matrices {name: (Nt, Nv) array}).
+    subsets: {name: set of video paths}. Refuses (DataError) if any video cannot be decoded."""
+    size = size or model.cfg.vision.img_size
+    vis_tokens, vis, _, failed = encode_videos(model, records, root, num_frames=num_frames, size=size,
+                                               batch_size=batch_size, progress=progress)
+    refuse_missing(failed, f"of the {len(records)} videos")
+    captions, owner = [], []
+    for v, rec in enumerate(records):
+        captions += rec.caption_list
+        owner += [v] * len(rec.caption_list)
+    txt_tokens, atts, txt = encode_texts(model, captions, tokenizer, max_txt_l, progress=progress)
+    itc = (txt @ vis.T).double()                                             # (Nt, Nv) cosines, temperature 1
+    matrices = {"itc": itc}
+    if itm:
+        t2v, v2t = rerank(itc, k, itm_scorer(model, txt_tokens, atts, vis_tokens), progress=progress)
+        matrices |= {"itm_t2v": t2v, "itm_v2t": v2t.T}                       # both (Nt, Nv)
+    sets = score_sets(itc, matrices.get("itm_t2v"), matrices["itm_v2t"].T if itm else None)
+    masks = {n: [rec.path in paths for rec in records] for n, paths in (subsets or {}).items()}
+    metrics, ranks = retrieval_metrics(sets, owner, masks)
+    result = {"videos": len(records), "captions": len(captions), "chance_r1": 100.0 / len(records),
+              "headline": {"set": "match" if itm else "sim", "metric": "t2v_r1",
+                           "value": metrics["match" if itm else "sim"]["all"]["t2v_r1"]},
+              "metrics": metrics, "ranks": ranks, "caption_video": owner,
+              "video_paths": [rec.path for rec in records], "captions_text": captions}
+    return result, {n: m.numpy() for n, m in matrices.items()}
+
+
+def class_prompts(class_names):
+    """class x template texts, class-major (text c * 16 + t), each through pre_text (as the official dataset)."""
+    return [pre_text(t.format(c)) for c in class_names for t in TEMPLATES]
+
+
+def ensemble_templates(scores, n_templates=len(TEMPLATES)):
+    """(Nv, n_cls * T) class-major scores -> (Nv, n_cls): the mean over each class's templates."""
+    Nv = scores.shape[0]
+    return scores.reshape(Nv, -1, n_templates).mean(-1)                     # (Nv, n_cls, T) -> (Nv, n_cls)
+
+
+def topk_correct(scores, labels, k):
+    """(Nv,) bool: the label is among the k best (ties count against: k or fewer others score at least as high)."""
+    labels = torch.as_tensor(labels)
+    own = scores.gather(1, labels[:, None])                                  # (Nv, 1)
+    return (scores >= own).sum(1) - 1 < k
+
+
+def classify_eval(model, records, root, tokenizer, class_names, *, num_frames=4, size=None, max_txt_l=32,
+                  batch_size=16, subsets=None, progress=False):
+    """Records with .label -> (result, {"scores": (Nv, n_cls) ensembled}). Undecodable videos are skipped and
+    counted in the result."""
+    size = size or model.cfg.vision.img_size
+    for i, rec in enumerate(records):
+        if not 0 <= rec.label < len(class_names):
+            raise ValueError(f"record {i} ({rec.path}): label {rec.label} is not one of the {len(class_names)} "
+                             f"classes")
+    _, vis, kept, failed = encode_videos(model, records, root, num_frames=num_frames, size=size,
+                                         batch_size=batch_size, progress=progress)
+    refuse_missing([] if kept else failed, f"of the {len(records)} videos (all of them)")
+    _, _, txt = encode_texts(model, class_prompts(class_names), tokenizer, max_txt_l, progress=progress)
+    probs = (vis @ txt.T).double().softmax(dim=1)                           # (Nv, n_cls * 16) ITC, softmax-ed
+    scores = ensemble_templates(probs)                                      # (Nv, n_cls)
+    kept_recs = [records[i] for i in kept]
+    labels = torch.tensor([r.label for r in kept_recs])
+    top1, top5 = topk_correct(scores, labels, 1), topk_correct(scores, labels, 5)
+    groups = {"all": torch.ones(len(kept), dtype=torch.bool)}
+    groups |= {n: torch.tensor([r.path in paths for r in kept_recs]) for n, paths in (subsets or {}).items()}
+    metrics = {g: {"top1": 100.0 * float(top1[m].double().mean()), "top5": 100.0 * float(top5[m].double().mean()),
+                   "videos": int(m.sum())} for g, m in groups.items()}
+    per_class = {c: (100.0 * float(top1[labels == i].double().mean()) if (labels == i).any() else None)
+                 for i, c in enumerate(class_names)}
+    result = {"videos": len(kept), "skipped": [{"path": p, "reason": r} for p, r in failed],
+              "classes": list(class_names), "chance_top1": 100.0 / len(class_names), "metrics": metrics,
+              "per_class_top1": per_class, "headline": {"metric": "top1", "value": metrics["all"]["top1"]},
+              "predictions": [{"path": r.path, "label": int(r.label), "pred": int(p)}
+                              for r, p in zip(kept_recs, scores.argmax(1))]}
+    return result, {"scores": scores.numpy()}
+
+
+def read_multiple_choice(path):
+    """MSR-VTT MC [{"video", "caption": [options], "answer": index}] or the synthetic world's instruct JSON
+    [{"video", "QA": [{"q", "options", "answer_idx", "type"}]}] -> questions [{"video", "type", "options"
+    (captions, pre_text), "answer"}]. A malformed entry is an error naming it."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of questions")
+    questions = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or "video" not in item:
+            raise ValueError(f"{path}: entry {i}: expected an object with 'video', got {item!r}")
+        if "QA" in item:
+            for j, qa in enumerate(item["QA"]):
+                if not {"q", "options", "answer_idx"} <= set(qa):
+                    raise ValueError(f"{path}: entry {i}: QA {j}: needs 'q', 'options' and 'answer_idx': {qa}")
+                questions.append(_question(path, i, item["video"], qa.get("type", "all"),
+                                           [f"{qa['q']} {o}" for o in qa["options"]], qa["answer_idx"]))
+        elif "caption" in item and "answer" in item:
+            questions.append(_question(path, i, item["video"], "all", item["caption"], item["answer"]))
+        else:
+            raise ValueError(f"{path}: entry {i}: needs 'caption' (the options) and 'answer', or 'QA': {item}")
+    return questions
+
+
+def _question(path, i, video, qtype, options, answer):
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+        raise ValueError(f"{path}: entry {i}: the options must be a list of 2 or more strings, got {options!r}")
+    if not isinstance(answer, int) or not 0 <= answer < len(options):
+        raise ValueError(f"{path}: entry {i}: answer must be an index into the {len(options)} options, got "
+                         f"{answer!r}")
+    return {"video": video, "type": qtype, "options": [pre_text(o) for o in options], "answer": answer}
+
+
+def mcqa_eval(model, questions, root, tokenizer, *, num_frames=4, size=None, max_txt_l=32, itm=True,
+              batch_size=16, progress=False):
+    """Questions (read_multiple_choice) -> result: accuracy by ITC (and by ITM: the fusion layers' positive logit)
+    overall and per question type. A question is right when its answer scores strictly above every other option.
+    Questions on undecodable videos are skipped and counted."""
+    size = size or model.cfg.vision.img_size
+    paths = sorted({q["video"] for q in questions})
+    records = [Record(p) for p in paths]
+    vis_tokens, vis, kept, failed = encode_videos(model, records, root, num_frames=num_frames, size=size,
+                                                  batch_size=batch_size, progress=progress)
+    refuse_missing([] if kept else failed, f"of the {len(records)} videos (all of them)")
+    row = {paths[i]: r for r, i in enumerate(kept)}
+    asked = [q for q in questions if q["video"] in row]
+    texts, t_idx, v_idx = [], [], []
+    for q in asked:
+        t_idx.append(list(range(len(texts), len(texts) + len(q["options"]))))
+        v_idx.append(row[q["video"]])
+        texts += q["options"]
+    txt_tokens, atts, txt = encode_texts(model, texts, tokenizer, max_txt_l, progress=progress)
+    scorers = {"itc": lambda t, v: (txt[t] * vis[v]).sum(-1)}
+    if itm:
+        scorers["itm"] = itm_scorer(model, txt_tokens, atts, vis_tokens)
+    per_q = [{"video": q["video"], "type": q["type"], "answer": q["answer"]} for q in asked]
+    t_all = torch.tensor([t for ts in t_idx for t in ts])                    # every (option, video) pair
+    v_all = torch.tensor([v for ts, v in zip(t_idx, v_idx) for _ in ts])
+    for name, score in scorers.items():
+        flat = torch.cat([score(t_all[i:i + 64], v_all[i:i + 64]).double() for i in
+                          tqdm(range(0, len(t_all), 64), desc=name, unit="batch", disable=not progress)])
+        for q, ts in zip(per_q, t_idx):
+            s = flat[ts[0]:ts[-1] + 1]                                      # this question's options
+            q[f"{name}_scores"] = s.tolist()
+            q[f"{name}_correct"] = bool((s >= s[q["answer"]]).sum() == 1)   # strictly above every other option
+    metrics = {}
+    for name in scorers:
+        for qtype in ["all"] + sorted({q["type"] for q in per_q} - {"all"}):
+            group = [q for q in per_q if qtype == "all" or q["type"] == qtype]
+            metrics.setdefault(qtype, {})[f"{name}_acc"] = 100.0 * sum(q[f"{name}_correct"] for q in group) / len(group)
+            metrics[qtype]["questions"] = len(group)
+            metrics[qtype]["chance"] = 100.0 * sum(1 / len(q["itc_scores"]) for q in group) / len(group)
+    headline = "itm_acc" if itm else "itc_acc"
+    return {"questions": len(per_q), "skipped_questions": len(questions) - len(asked),
+            "skipped": [{"path": p, "reason": r} for p, r in failed], "metrics": metrics,
+            "headline": {"metric": headline, "value": metrics["all"][headline]}, "per_question": per_q}
 
 
 def main(argv=None):

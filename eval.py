@@ -1,0 +1,161 @@
+"""Zero-shot evaluation of a stage-2 model, one task per sub-command, the protocol printed with every result.
+
+    python eval.py retrieval --ckpt runs/stage2 [--data EVAL_JSON --data-root DIR] [--out results.json]
+                             [--k 128] [--no-itm] [--frames 4] [--batch-size 16]
+    python eval.py classify  --ckpt runs/stage2 [--data CSV --classes NAMES]
+    python eval.py mcqa      --ckpt runs/stage2 [--data JSON] [--no-itm]
+    python eval.py features  --ckpt runs/stage1 --videos DIR|LIST --out DIR [--layer -7] [--pool] [--stride S]
+                             (any video encoder; the options: python eval.py features --help, ivmini/features.py)
+
+--ckpt: a stage-2 run folder or checkpoints/step_* folder, or a file (an export of `python -m ivmini.checkpoint
+export`, or an official stage-2 release) with its kind and keywords in --spec (default: the .json beside it).
+Without --data: the synthetic world's test split, with seen / novel attribute combinations reported apart.
+Each task prints one protocol line first, shows progress, and writes --out (default results_<task>.json)
+atomically, never over an existing file without --overwrite; retrieval also writes its score matrices
+(<out>.itc.npy, .itm_t2v.npy, .itm_v2t.npy, all (texts, videos)), classify its (videos, classes) scores.
+The protocol, the score sets and the metric names: ivmini/evaluate.py. Tests: tests/test_eval.py.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from ivmini import evaluate, features
+from ivmini.data import synthetic
+from ivmini.data.datasets import read_classify_csv, read_eval_json
+from ivmini.stages.stage2 import tokenizer
+from ivmini.text import minilm_path
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="zero-shot evaluation of a stage-2 (video-text) model; features of "
+                                             "your own videos with any video encoder")
+    sub = ap.add_subparsers(dest="task", required=True)
+    for task, help_ in (("retrieval", "text-to-video and video-to-text retrieval (ITC, ITM re-rank)"),
+                        ("classify", "zero-shot classification: class names x 16 templates, score ensembling"),
+                        ("mcqa", "multiple choice by similarity (MSR-VTT MC, or the synthetic world's QA)"),
+                        ("features", "features of your own videos (any layer, tokens or pooled) as .npy + a manifest; "
+                                     "options: python eval.py features --help")):
+        p = sub.add_parser(task, help=help_)
+        if task == "features":          # parsed by ivmini/features.py (main below hands it the arguments)
+            continue
+        p.add_argument("--ckpt", required=True, help="stage-2 run / step_* folder, or an exported / official file")
+        p.add_argument("--spec", help="JSON {kind, kwargs} for a --ckpt file (default: the .json beside it)")
+        p.add_argument("--data", help="annotations (default: the synthetic world's test split)")
+        p.add_argument("--data-root", help="root of the annotation's video paths (default: the file's folder)")
+        p.add_argument("--out", help=f"result JSON (default: results_{task}.json)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        p.add_argument("--frames", type=int, default=4, help="frames per video (official zero-shot: 4)")
+        p.add_argument("--batch-size", type=int, default=16, help="videos per forward")
+        p.add_argument("--text-model", help="folder with the vocab.txt (default: the run's, else all-MiniLM-L6-v2)")
+        p.add_argument("--max-txt-l", type=int, help="text tokens (default: the run's, else 32)")
+        if task == "retrieval":
+            p.add_argument("--k", type=int, default=128, help="ITM re-ranks each query's top k (official 128)")
+        if task in ("retrieval", "mcqa"):
+            p.add_argument("--no-itm", action="store_true", help="ITC only (no fusion-encoder scores)")
+        if task == "classify":
+            p.add_argument("--classes", help="class names: a JSON list or one name per line (default with --data: "
+                                             "classes.json beside it)")
+    return ap.parse_args(argv)
+
+
+def data_files(args, default_name):
+    """(annotation path, data root, subsets or None): --data, else the synthetic world's test split."""
+    if args.data:
+        return args.data, args.data_root or os.path.dirname(os.path.abspath(args.data)), None
+    world = synthetic.ensure_world()
+    return (os.path.join(world, "annotations", default_name), args.data_root or world,
+            evaluate.synthetic_subsets(world))
+
+
+def read_class_names(path):
+    with open(path) as f:
+        text = f.read()
+    names = json.loads(text) if path.endswith(".json") else [line.strip() for line in text.splitlines()
+                                                            if line.strip()]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: expected a list of class names (JSON list of strings, or one per line)")
+    return names
+
+
+def write_atomic(path, write):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["features"]:
+        features.main(argv[1:], prog="eval.py features")
+        return
+    args = parse_args(argv)
+    out = args.out or f"results_{args.task}.json"
+    stem = os.path.splitext(out)[0]
+    arrays = {"retrieval": ["itc", "itm_t2v", "itm_v2t"], "classify": ["scores"], "mcqa": []}[args.task]
+    for path in [out] + [f"{stem}.{a}.npy" for a in arrays]:
+        if os.path.exists(path) and not args.overwrite:
+            sys.exit(f"{path} exists; pass --overwrite to replace it (or another --out)")
+
+    model, info = evaluate.load_model(args.ckpt, args.task, spec=args.spec)
+    vocab = tokenizer(args.text_model or info["text_model"] or minilm_path())
+    max_txt_l = args.max_txt_l or info["max_txt_l"] or 32
+    size = model.cfg.vision.img_size
+    itm = args.task != "classify" and not args.no_itm       # classify: ITC scores only
+    common = dict(num_frames=args.frames, size=size, max_txt_l=max_txt_l, batch_size=args.batch_size, progress=True)
+    if args.task == "retrieval":
+        scores = (f"sim (ITC cosine, temp 1), dsl (dual softmax), match (ITM re-rank of each query's top-{args.k} "
+                  f"by ITC, others -100); headline: match t2v_r1" if itm else
+                  "sim (ITC cosine, temp 1), dsl (dual softmax), no ITM; headline: sim t2v_r1")
+    elif args.task == "classify":
+        scores = (f"ITC softmax over the {len(evaluate.TEMPLATES)} x classes texts, averaged over the "
+                  f"{len(evaluate.TEMPLATES)} templates; headline: top1")
+    else:
+        scores = ("option with the highest score; ITC cosine and ITM positive logit; headline: ITM accuracy" if itm
+                  else "option with the highest ITC cosine; headline: ITC accuracy")
+    protocol = (f"{args.task} | {info['kind']} {info['source']} (step {info['step']}) | {args.frames} frames, middle "
+                f"sampling, {size}x{size} square resize (no crop), no masking | text max {max_txt_l} tokens | {scores}")
+    print(protocol, flush=True)
+
+    if args.task == "retrieval":
+        data, root, subsets = data_files(args, "retrieval_test.json")
+        result, mats = evaluate.retrieval_eval(model, read_eval_json(data), root, vocab, k=args.k, itm=itm,
+                                               subsets=subsets, **common)
+        summary = {name: {g: {m: round(v, 2) for m, v in r.items() if m in ("t2v_r1", "v2t_r1", "r_mean")}
+                          for g, r in groups.items()} for name, groups in result["metrics"].items()}
+    elif args.task == "classify":
+        data, root, subsets = data_files(args, "classify_test.csv")
+        names = args.classes or os.path.join(os.path.dirname(os.path.abspath(data)), "classes.json")
+        result, mats = evaluate.classify_eval(model, read_classify_csv(data), root, vocab, read_class_names(names),
+                                              subsets=subsets, **common)
+        summary = result["metrics"] | {"chance_top1": result["chance_top1"]}
+    else:
+        data, root, _ = data_files(args, "instruct_test.json")
+        result, mats = evaluate.mcqa_eval(model, evaluate.read_multiple_choice(data), root, vocab, itm=itm,
+                                          **common), {}
+        summary = result["metrics"]
+
+    result = {"task": args.task, "protocol": protocol, "ckpt": os.path.abspath(args.ckpt), "data": data,
+              "data_root": root, "k": getattr(args, "k", None), "itm": itm} | result
+
+    def save(m):
+        def write(tmp):
+            with open(tmp, "wb") as f:          # a file object: np.save would add .npy to a path
+                np.save(f, m)
+        return write
+    for name, m in mats.items():
+        write_atomic(f"{stem}.{name}.npy", save(m))
+        result.setdefault("matrices", {})[name] = f"{os.path.basename(stem)}.{name}.npy"
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+    write_atomic(out, dump)
+    print(json.dumps(summary, indent=1))
+    print(f"headline {result['headline']} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
