@@ -57,9 +57,14 @@ def field_help(cls):
             if i + 1 in comments and ":" in line.split("#")[0]}
 
 
+def stage_name(text):
+    """--stage: a number (1, 2, 3) or a name (e.g. finetune)."""
+    return int(text) if text.isdigit() else text
+
+
 def parse_args(argv=None) -> TrainConfig:
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--stage", type=int, default=1, choices=sorted(RECIPES))
+    first.add_argument("--stage", type=stage_name, default=1, choices=list(RECIPES))
     first.add_argument("--preset", default="tiny")
     known, rest = first.parse_known_args(argv)
     try:
@@ -73,10 +78,10 @@ def parse_args(argv=None) -> TrainConfig:
     width = max(map(len, options)) + 2
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Stages: {', '.join(map(str, sorted(RECIPES)))}. Options of stage {known.stage} with preset "
+        epilog=f"Stages: {', '.join(map(str, RECIPES))}. Options of stage {known.stage} with preset "
                f"{known.preset}, with this recipe's defaults (the stage's own options, cfg.task, also as "
                "--task.NAME):\n" + "\n".join(o.ljust(width) + helps.get(k, "") for o, k in zip(options, values)))
-    ap.add_argument("--stage", type=int, default=1, choices=sorted(RECIPES), help="training stage")
+    ap.add_argument("--stage", type=stage_name, default=1, choices=list(RECIPES), help="training stage")
     ap.add_argument("--preset", default="tiny", help="model size: tiny | S | B | L | 1B | 6B")
     ap.add_argument("--resume", nargs="?", const="auto", help="resume from the newest checkpoint in --out, or DIR")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set an option")
@@ -97,8 +102,12 @@ def parse_args(argv=None) -> TrainConfig:
                 extra.insert(0, "true")                # a bare boolean option: --overwrite
             item = f"{item}={extra.pop(0)}"
         pairs.append(item[2:])
+    overrides = dict(p.partition("=")[::2] for p in pairs)
+    for name in ("stage", "preset"):              # they choose the recipe: only as --stage / --preset
+        if name in overrides:
+            ap.error(f"set {name} with --{name}, not --set {name}=...")
     try:
-        cfg = train_config(known.stage, known.preset, **dict(p.partition("=")[::2] for p in pairs))
+        cfg = train_config(known.stage, known.preset, **overrides)
     except ValueError as e:
         ap.error(str(e))
     if cfg.backend and cfg.backend not in kernels.BACKENDS:

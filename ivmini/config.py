@@ -193,7 +193,7 @@ class AlignTask:
 
 @dataclass
 class TrainConfig:
-    stage: int = 1                   # training stage (see ivmini/stages/)
+    stage: int | str = 1             # training stage: 1, 2 or a name (see ivmini/stages/)
     preset: str = "tiny"             # model size: tiny | S | B | L | 1B | 6B
     data: str = ""                   # annotation file; "" = the synthetic world (generated on first use)
     data_root: str = ""              # root of the paths inside `data` (default: the annotation file's folder)
@@ -322,7 +322,7 @@ def train_config(stage=1, preset="tiny", **overrides) -> TrainConfig:
     """The recipe of `stage` for `preset`, then `overrides` (field names; task fields by their bare name
     or as task__name)."""
     if stage not in RECIPES:
-        raise ValueError(f"unknown stage {stage}; stages: {sorted(RECIPES)}")
+        raise ValueError(f"unknown stage {stage!r}; stages: {list(RECIPES)}")
     if preset not in VISION_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(VISION_PRESETS)}")
     cfg = RECIPES[stage](preset)

@@ -69,6 +69,8 @@ def test_command_line_sets_top_level_and_task_options():
     (["--max-bad-data=1"], "--max-bad-data=1.0 must be in [0, 1)"),
     (["--max-steps"], "--max-steps needs a value"),
     (["--preset", "XL"], "unknown preset 'XL'"),
+    (["--set", "stage=2"], "set stage with --stage"), (["--preset=S", "--set", "preset=1B"], "set preset with --preset"),
+    (["--stage", "7"], "invalid choice: 7"),
     (["--backend=fast"], "--backend='fast'"),
     (["stray"], "unrecognised argument 'stray'"),
 ])
