@@ -44,8 +44,7 @@ from .align import AlignConfig, VideoTextModel
 from .checkpoint import load_official, resize_pos_embeds
 from .config import VisionConfig
 from .data.transforms import test_transform
-from .data.video import (DEFAULT_TIMEOUT, AV_ERRORS, DecodeError, Deadline, _decode, _scan, _video_stream,
-                         frame_indices, open_media, video_info)
+from .data.video import DEFAULT_TIMEOUT, DecodeError, frame_indices, read_frames_at, video_info
 from .dist import consolidate, latest_checkpoint, read_meta
 from .vit import VideoViT
 
@@ -160,17 +159,10 @@ def clip_indices(vlen, frames, stride=None):
 
 
 def read_clips(path, indices, size, timeout=DEFAULT_TIMEOUT):
-    """Yield each clip of `indices` as float32 (3, T, size, size), decoded in one open of the file (the steps of
-    video.read_frames, for given indices); DecodeError on any failure. The time limit is per clip."""
-    with open_media(path) as container:
-        try:
-            stream = _video_stream(path, container)
-            frames = _scan(path, container, stream, Deadline(path, timeout))
-            for idx in indices:
-                decoded = _decode(path, container, stream, frames, sorted(set(idx)), Deadline(path, timeout))
-                yield test_transform(torch.from_numpy(np.stack([decoded[i] for i in idx])), size)  # (3, T, s, s)
-        except AV_ERRORS as e:
-            raise DecodeError(path, f"decoding failed: {e}") from e
+    """Yield each clip of `indices` as float32 (3, T, size, size) with the test transform, decoded in one open of
+    the file (video.read_frames_at); DecodeError on any failure. The time limit is per clip."""
+    for frames in read_frames_at(path, indices, timeout=timeout):
+        yield test_transform(frames, size)                                   # (3, T, size, size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,6 +146,18 @@ def test_decoded_frames_are_the_sampled_frames(clips, fmt, num_frames, sample, s
         assert seeks == [0]
 
 
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+def test_read_frames_at_gives_each_clip_its_frames(clips, fmt):
+    """Several clips of given indices from one open (out of order, repeated, overlapping); an index past the end
+    is a DecodeError naming the range."""
+    want = [[0, 5, 10, 15], [40, 3, 3, 20], [N_FRAMES - 1] * 2]
+    got = list(video.read_frames_at(clips[fmt], want))
+    assert [[decode_index(f) for f in clip.numpy()] for clip in got] == want
+    assert all(c.dtype == torch.uint8 and c.shape[1:] == (BLOCK, 8 * BLOCK, 3) for c in got)
+    with pytest.raises(video.DecodeError, match="outside the"):
+        list(video.read_frames_at(clips[fmt], [[0, N_FRAMES]]))
+
+
 def test_container_frame_counts(clips):
     with av.open(str(clips["webm"])) as c:
         assert c.streams.video[0].frames == 0  # why the demux scan exists

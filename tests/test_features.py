@@ -153,10 +153,10 @@ def test_checkpoint_kinds(export, videos, tmp_path, capsys):
 def test_a_failure_after_some_clips_drops_the_whole_video(export, videos, tmp_path, monkeypatch):
     """A DecodeError in a later clip (after earlier clips went through a forward) skips the video, writes nothing
     for it, and leaves the clips of the other videos in the same batches intact."""
-    import ivmini.features as features
+    from ivmini.data import video
     from ivmini.data.video import DecodeError
     pt, _ = export
-    decode, calls = features._decode, []
+    decode, calls = video._decode, []
 
     def flaky(path, *args):
         calls.append(path)
@@ -164,7 +164,7 @@ def test_a_failure_after_some_clips_drops_the_whole_video(export, videos, tmp_pa
             raise DecodeError(path, "injected failure in clip 3")
         return decode(path, *args)
 
-    monkeypatch.setattr(features, "_decode", flaky)
+    monkeypatch.setattr(video, "_decode", flaky)      # what video.read_frames_at decodes each clip with
     manifest = run(pt, videos, tmp_path / "out", "--stride=10", "--batch-size=2")   # bikes: 25 frames, 4 clips
     assert manifest["skipped"][REAL[0]]["reason"] == "injected failure in clip 3"
     assert REAL[0] not in manifest["videos"] and not (tmp_path / "out" / "bikes.npy").exists()

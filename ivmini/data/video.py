@@ -286,6 +286,24 @@ def read_frames(path, num_frames: int, sample: str = "rand", *, start=None, end=
     return torch.from_numpy(np.stack([decoded[i] for i in idx]))  # (T, H, W, 3)
 
 
+def read_frames_at(path, clips, *, timeout=DEFAULT_TIMEOUT):
+    """Yield, for each list of frame indices in `clips` (0-based, in decode order), its frames as a uint8 tensor
+    (T, H, W, 3), RGB, from one open of the file (e.g. several windows of a long video). The time limit applies to
+    the scan and to each clip. Any failure raises DecodeError (an index past the end too)."""
+    with open_media(path) as container:
+        try:
+            stream = _video_stream(path, container)
+            frames = _scan(path, container, stream, Deadline(path, timeout))
+            for idx in clips:
+                if idx and not 0 <= min(idx) <= max(idx) < len(frames.pts):
+                    raise DecodeError(path, f"frame indices {min(idx)}..{max(idx)} outside the {len(frames.pts)} "
+                                            f"frames of the video")
+                decoded = _decode(path, container, stream, frames, sorted(set(idx)), Deadline(path, timeout))
+                yield torch.from_numpy(np.stack([decoded[i] for i in idx]))          # (T, H, W, 3)
+        except AV_ERRORS as e:
+            raise DecodeError(path, f"decoding failed: {e}") from e
+
+
 def read_image(path, *, timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
     """The first frame of a picture (png, jpeg, bmp, webp, ...; anything with a video stream except
     text) -> uint8 tensor (1, H, W, 3), RGB. For image records; a video gives its first frame, as PIL
