@@ -3,6 +3,7 @@
     python eval.py retrieval --ckpt runs/stage2 [--data EVAL_JSON --data-root DIR] [--out results.json]
                              [--k 128] [--no-itm] [--frames 4] [--batch-size 16]
     python eval.py classify  --ckpt runs/stage2 [--data CSV --classes NAMES]
+    python eval.py classify  --ckpt runs/finetune --finetuned [--data CSV] [--clips 4 --crops 3]
     python eval.py mcqa      --ckpt runs/stage2 [--data JSON] [--no-itm]
     python eval.py features  --ckpt runs/stage1 --videos DIR|LIST --out DIR [--layer -7] [--pool] [--stride S]
                              (any video encoder; the options: python eval.py features --help, ivmini/features.py)
@@ -58,6 +59,11 @@ def parse_args(argv=None):
         if task == "classify":
             p.add_argument("--classes", help="class names: a JSON list or one name per line (default with --data: "
                                              "classes.json beside it)")
+            p.add_argument("--finetuned", action="store_true", help="a fine-tuned classifier (train.py --stage "
+                           "finetune): its logits at the model's frames, multi-view (--clips x --crops, softmax "
+                           "averaged)")
+            p.add_argument("--clips", type=int, default=2, help="--finetuned: clips per video (official 4)")
+            p.add_argument("--crops", type=int, default=1, help="--finetuned: crops per clip (official 3)")
     return ap.parse_args(argv)
 
 
@@ -86,6 +92,54 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def save_results(args, out, stem, protocol, data, root, result, mats, summary, itm=False):
+    """Write the score matrices (.npy) and the result JSON atomically, then print the summary."""
+    result = {"task": args.task, "protocol": protocol, "ckpt": os.path.abspath(args.ckpt), "data": data,
+              "data_root": root, "k": getattr(args, "k", None), "itm": itm} | result
+
+    def save(m):
+        def write(tmp):
+            with open(tmp, "wb") as f:          # a file object: np.save would add .npy to a path
+                np.save(f, m)
+        return write
+    for name, m in mats.items():
+        write_atomic(f"{stem}.{name}.npy", save(m))
+        result.setdefault("matrices", {})[name] = f"{os.path.basename(stem)}.{name}.npy"
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+    write_atomic(out, dump)
+    print(json.dumps(summary, indent=1))
+    print(f"headline {result['headline']} -> {out}")
+
+
+def classify_finetuned(args, out, stem):
+    """eval.py classify --finetuned: the classifier's own logits over clips x crops views (ivmini/evaluate.py)."""
+    if args.clips < 1 or args.crops < 1:
+        sys.exit(f"--clips={args.clips} and --crops={args.crops} must be at least 1")
+    try:
+        model, info = evaluate.load_finetuned(args.ckpt, spec=args.spec)
+    except evaluate.CheckpointKindError as e:
+        sys.exit(f"error: {e}")
+    cfg = model.cfg
+    data, root, subsets = data_files(args, "classify_test.csv")
+    names = args.classes or os.path.join(os.path.dirname(os.path.abspath(data)), "classes.json")
+    names = read_class_names(names) if os.path.isfile(names) or args.classes else \
+        [str(i) for i in range(cfg.num_classes)]           # a CSV without class names: the label numbers
+    protocol = (f"classify (fine-tuned) | {info['kind']} {info['source']} (step {info['step']}) | {cfg.num_frames} "
+                f"frames x {args.clips} clips (evenly spaced, each at its own offset) x {args.crops} crops (short side "
+                f"square, start / centre / end), {cfg.img_size}x{cfg.img_size} | the classifier's softmax averaged "
+                f"over the {args.clips * args.crops} views; headline: top1")
+    print(protocol, flush=True)
+    result, mats = evaluate.finetuned_classify_eval(model, read_classify_csv(data), root, names, clips=args.clips,
+                                                    crops=args.crops, batch_size=args.batch_size, subsets=subsets,
+                                                    progress=True)
+    result = result | {"clips": args.clips, "crops": args.crops}
+    save_results(args, out, stem, protocol, data, root, result, mats,
+                 result["metrics"] | {"chance_top1": result["chance_top1"]})
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["features"]:
@@ -99,6 +153,9 @@ def main(argv=None):
         if os.path.exists(path) and not args.overwrite:
             sys.exit(f"{path} exists; pass --overwrite to replace it (or another --out)")
 
+    if args.task == "classify" and args.finetuned:
+        classify_finetuned(args, out, stem)
+        return
     model, info = evaluate.load_model(args.ckpt, args.task, spec=args.spec)
     vocab = tokenizer(args.text_model or info["text_model"] or minilm_path())
     max_txt_l = args.max_txt_l or info["max_txt_l"] or 32
@@ -137,24 +194,7 @@ def main(argv=None):
                                           **common), {}
         summary = result["metrics"]
 
-    result = {"task": args.task, "protocol": protocol, "ckpt": os.path.abspath(args.ckpt), "data": data,
-              "data_root": root, "k": getattr(args, "k", None), "itm": itm} | result
-
-    def save(m):
-        def write(tmp):
-            with open(tmp, "wb") as f:          # a file object: np.save would add .npy to a path
-                np.save(f, m)
-        return write
-    for name, m in mats.items():
-        write_atomic(f"{stem}.{name}.npy", save(m))
-        result.setdefault("matrices", {})[name] = f"{os.path.basename(stem)}.{name}.npy"
-
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-    write_atomic(out, dump)
-    print(json.dumps(summary, indent=1))
-    print(f"headline {result['headline']} -> {out}")
+    save_results(args, out, stem, protocol, data, root, result, mats, summary, itm)
 
 
 if __name__ == "__main__":

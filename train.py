@@ -116,23 +116,9 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# optimizer and schedule (official recipe: AdamW, no decay on 1-D / bias / declared params,
-# linear warmup from 0, then step-level cosine to min_lr)
-
-def param_groups(model, weight_decay):
-    """Trained parameters (requires_grad) in two groups: with weight decay, and without it for 1-D
-    params, biases and the names each submodule declares in its `no_weight_decay()`."""
-    skip = set()
-    for prefix, m in model.named_modules():
-        declared = getattr(m, "no_weight_decay", None)   # a module's declaration, not a feature probe
-        if callable(declared):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in declared()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
+# optimizer and schedule (official recipe: AdamW, no decay on 1-D / bias / declared params (the groups:
+# stage.optimizer_groups, see ivmini/stages/common.py param_groups; a group's "lr_scale", e.g. layer-wise
+# decay, multiplies its learning rate), linear warmup from 0, then step-level cosine to min_lr)
 
 def lr_at(step, peak, floor, warmup, total):
     if step < warmup:
@@ -192,7 +178,7 @@ def train(cfg, stage, rank, world, device, lock):
     dist.parallelize(model, frozen.values(), device, act_ckpt=cfg.act_ckpt, compile=cfg.compile)
 
     # optimizer and schedule
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
+    optimizer = torch.optim.AdamW(stage.optimizer_groups(model, cfg), lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
     scale = per_step * world / 256 if cfg.lr_scaling == "batch256" else 1.0
     peak, floor = cfg.base_lr * scale, cfg.min_lr * scale
@@ -228,7 +214,7 @@ def train(cfg, stage, rank, world, device, lock):
         while step < max_steps:
             lr = lr_at(step, peak, floor, warmup, max_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)   # layer-wise lr decay, where a stage sets it
 
             # forward and backward over the micro-batches; a non-finite loss on any rank skips the step everywhere
             finite, ids, skipped, values = True, [], [], {}

@@ -40,8 +40,10 @@ class VisionConfig:
     clip_return_layer: int = 1
     clip_student_return_interval: float = 1
     clip_norm_type: str = "l2"          # "l2" or "none": normalisation after the decoders
+    clip_decoder_mlp: bool = False      # clip decoders Linear-GELU-Linear (official MLP_Decoder, the S/B/L
+                                        # distillation students) instead of one Linear (stage 1)
     mae_teacher_embed_dim: int = 1408
-    mae_return_layer: int = 1
+    mae_return_layer: int = 1           # 0: no motion-teacher branch (the S/B/L distillation students)
     mae_student_return_interval: float = 1
     mae_norm_type: str = "l2"
     # classification head
@@ -192,6 +194,56 @@ class AlignTask:
 
 
 @dataclass
+class FinetuneTask:
+    """Fine-tuning and probing a video encoder on classification (facts §2.7): a Kinetics-style CSV "path,label"."""
+    head: str = "full"               # full: fine-tune everything | linear: frozen encoder, fc_norm + head on the pooled
+                                     # feature | attentive: frozen blocks, a fresh attention pool + fc_norm + head
+    init: str = "auto"               # stage-1/2 run, export or official file; auto = newest of runs/stage2, runs/stage1
+    orig_t_size: int = 0             # frames of --init's position table when they cannot be inferred; 0 = infer
+    num_classes: int = 0             # 0 = classes.json beside the CSV (the synthetic world), else the max label + 1
+    num_frames: int = 8              # frames per clip, sparse (TSN) sampling (official 8 or 16)
+    img_size: int = 0                # input resolution; 0 = the preset's
+    layer_decay: float = 0.9         # layer-wise lr decay: block i's lr x decay^(depth - i) (official 1B: 0.9)
+    drop_path: float = -1.0          # stochastic depth of the last block; -1 = the preset's (probes: 0)
+    label_smoothing: float = 0.1     # cross-entropy label smoothing (official 0.1)
+    mixup: float = 0.0               # mixup Beta alpha; 0 = off (official 0.8)
+    cutmix: float = 0.0              # cutmix Beta alpha; 0 = off (official 1.0); with both, one of them per batch
+
+    def problems(self):
+        return _problems(self, [
+            ("head", lambda v: v in ("full", "linear", "attentive"), "full, linear or attentive"),
+            ("orig_t_size", lambda v: v >= 0, ">= 0"), ("num_classes", lambda v: v >= 0, ">= 0"),
+            ("num_frames", lambda v: v >= 1, "at least 1"),
+            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
+            ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("drop_path", lambda v: v == -1 or 0 <= v < 1, "-1 (the preset's) or in [0, 1)"),
+            ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("mixup", lambda v: v >= 0, ">= 0"), ("cutmix", lambda v: v >= 0, ">= 0")])
+
+
+@dataclass
+class DistillSTask:
+    """Distillation of an S/B/L student from a stage-2 video encoder (facts §2.6): MLP decoders, whole-clip masking."""
+    teacher: str = "auto"            # stage-2 run, export or official file; auto = the newest under runs/stage2;
+                                     # "" (or auto without a run) = a small random teacher (smoke run)
+    teacher_t_size: int = 0          # frames of the teacher file's position table when they cannot be inferred
+    return_layer: int = 2            # blocks distilled: the student's last K, the teacher's (official 6)
+    teacher_interval: float = 1.0    # teacher blocks depth-1 - int(i * interval), i < K (official 3.34)
+    num_frames: int = 8              # frames per clip, student and teacher (official 8)
+    img_size: int = 0                # input resolution; 0 = the preset's
+    mask_ratio: float = 0.8          # share of the clip's patches the student does not see (by teacher attention)
+    loss_middle: float = 1.0         # weight of the teacher's block-token loss
+    loss_final: float = 1.0          # weight of its pooled-output loss
+
+    def problems(self):
+        return _problems(self, [
+            ("teacher_t_size", lambda v: v >= 0, ">= 0"), ("return_layer", lambda v: v >= 1, "at least 1"),
+            ("teacher_interval", lambda v: v > 0, "> 0"), ("num_frames", lambda v: v >= 1, "at least 1"),
+            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
+            ("mask_ratio", lambda v: 0 <= v < 1, "in [0, 1)")])
+
+
+@dataclass
 class TrainConfig:
     stage: int | str = 1             # training stage: 1, 2 or a name (see ivmini/stages/)
     preset: str = "tiny"             # model size: tiny | S | B | L | 1B | 6B
@@ -224,7 +276,8 @@ class TrainConfig:
     keep_ckpts: int = 2              # checkpoints kept (the newest)
     max_skips: int = 10              # non-finite steps skipped before the run aborts (exit code 3)
     max_bad_data: float = 0.01       # share of the samples drawn that may fail to decode before the run stops (4)
-    task: DistillTask | AlignTask = field(default_factory=DistillTask)   # the stage's own options (--task.NAME)
+    task: DistillTask | AlignTask | FinetuneTask | DistillSTask = field(default_factory=DistillTask)  # the stage's
+                                     # own options
 
     def problems(self):
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
@@ -283,7 +336,37 @@ def stage2(preset="tiny") -> TrainConfig:
     return cfg
 
 
-RECIPES = {1: stage1, 2: stage2}
+def finetune(preset="tiny") -> TrainConfig:
+    """Fine-tuning / probing. 1B: the official SM scripts/finetuning/full_tuning/k710/1B_ft_k710_f8.sh (facts §2.7):
+    lr 5e-5 x batch/256, layer decay 0.9, drop path 0.3, 9 epochs with 2 of warmup, AdamW betas (0.9, 0.999),
+    wd 0.05, label smoothing 0.1 (mixup 0.8 / cutmix 1.0 there: --mixup/--cutmix). Probes (--head linear |
+    attentive; official attentive probe: lr 2e-4, wd 0, no layer decay) change only what is trained. tiny: the
+    synthetic world's classify_train.csv from the default stage-2 run, 8 frames, a few CPU minutes on 2 ranks."""
+    cfg = TrainConfig(stage="finetune", preset=preset, out="runs/finetune", base_lr=5e-5, min_lr=1e-6, beta2=0.999,
+                      eps=1e-8, task=FinetuneTask())
+    if preset == "tiny":
+        return replace(cfg, base_lr=1.6e-2, min_lr=1.6e-4, max_steps=240, warmup_steps=24, log_every=10,
+                       ckpt_every=120)
+    if preset in ("1B", "6B"):
+        return replace(cfg, epochs=9, warmup_epochs=2, ckpt_every=1000, log_every=50, workers=8, act_ckpt=True,
+                       task=FinetuneTask(drop_path=0.3))
+    return cfg
+
+
+def distill(preset="tiny") -> TrainConfig:
+    """Distillation from a stage-2 encoder. S/B/L: the official SM scripts/distillation/*_dist_1B_stage2.sh
+    (facts §2.6): 8 frames, lr 1e-3 x batch/256, 101 epochs with 20 of warmup, clip 5, drop path 0.05 (the
+    presets'), batch 128 per GPU, 6 blocks at teacher interval 3.34; pass the stage-2 1B file with --teacher.
+    tiny: the default stage-2 run as teacher, the stage-1 tiny schedule (a few hundred CPU steps)."""
+    cfg = TrainConfig(stage="distill", preset=preset, out="runs/distill", base_lr=1e-3, clip_grad=5.0,
+                      task=DistillSTask())
+    if preset == "tiny":
+        return replace(cfg, base_lr=1.6e-2, min_lr=1.6e-3, warmup_steps=20)
+    return replace(cfg, batch_size=128, epochs=101, warmup_epochs=20, ckpt_every=1000, log_every=50, workers=8,
+                   act_ckpt=preset in ("1B", "6B"), task=DistillSTask(return_layer=6, teacher_interval=3.34))
+
+
+RECIPES = {1: stage1, 2: stage2, "finetune": finetune, "distill": distill}
 
 
 def _has(obj, name):

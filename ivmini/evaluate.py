@@ -17,6 +17,9 @@ Retrieval (facts §3.8, the official retrieval_utils.evaluation / itm_eval):
 Classification (facts §3.9): class names x the 16 official action templates (TEMPLATES), each through
 pre_text; the (videos x texts) ITC matrix is softmax-ed over the texts (the stage-2 official scores), reshaped
 (Nv, n_cls, 16) and averaged over the templates (score ensembling, not embedding averaging).
+Fine-tuned classifiers (train.py --stage finetune; eval.py classify --finetuned; facts §2.7, §6): clips x crops
+views per video (clip c: frames c, c + clips, ... of clips x T evenly spaced ones; crops: squares of the short
+side at the start, centre and end of the long side), the classifier's softmax averaged over the views.
 Multiple choice: each option becomes a caption (MSR-VTT MC: the option as given; the synthetic world's QA:
 "<question> <option>", through pre_text); the option with the highest score wins, by ITC and by ITM.
 
@@ -32,12 +35,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .align import AlignConfig, VideoTextModel
+from .config import VisionConfig
 from .data import synthetic
 from .data.datasets import DataError, Record, VideoDataset, collate, pre_text, read_eval_json
-from .data.transforms import make_rng
-from .data.video import DecodeError
+from .data.transforms import crop_resize, make_rng, normalize
+from .data.video import DecodeError, read_frames
 from .dist import consolidate, latest_checkpoint, read_meta
 from .text import WordPieceTokenizer, minilm_path
+from .vit import VideoViT
 
 
 def load_run(path):
@@ -338,21 +343,112 @@ def classify_eval(model, records, root, tokenizer, class_names, *, num_frames=4,
     _, _, txt = encode_texts(model, class_prompts(class_names), tokenizer, max_txt_l, progress=progress)
     probs = (vis @ txt.T).double().softmax(dim=1)                           # (Nv, n_cls * 16) ITC, softmax-ed
     scores = ensemble_templates(probs)                                      # (Nv, n_cls)
-    kept_recs = [records[i] for i in kept]
+    return class_result(scores, [records[i] for i in kept], failed, class_names, subsets), {"scores": scores.numpy()}
+
+
+def class_result(scores, kept_recs, failed, class_names, subsets=None):
+    """(Nv, n_cls) scores of the decoded records -> the result JSON: top-1/top-5 overall and per subset,
+    per-class top-1, every video's label and prediction, the skipped videos."""
     labels = torch.tensor([r.label for r in kept_recs])
     top1, top5 = topk_correct(scores, labels, 1), topk_correct(scores, labels, 5)
-    groups = {"all": torch.ones(len(kept), dtype=torch.bool)}
+    groups = {"all": torch.ones(len(kept_recs), dtype=torch.bool)}
     groups |= {n: torch.tensor([r.path in paths for r in kept_recs]) for n, paths in (subsets or {}).items()}
     metrics = {g: {"top1": 100.0 * float(top1[m].double().mean()), "top5": 100.0 * float(top5[m].double().mean()),
                    "videos": int(m.sum())} for g, m in groups.items()}
     per_class = {c: (100.0 * float(top1[labels == i].double().mean()) if (labels == i).any() else None)
                  for i, c in enumerate(class_names)}
-    result = {"videos": len(kept), "skipped": [{"path": p, "reason": r} for p, r in failed],
+    result = {"videos": len(kept_recs), "skipped": [{"path": p, "reason": r} for p, r in failed],
               "classes": list(class_names), "chance_top1": 100.0 / len(class_names), "metrics": metrics,
               "per_class_top1": per_class, "headline": {"metric": "top1", "value": metrics["all"]["top1"]},
               "predictions": [{"path": r.path, "label": int(r.label), "pred": int(p)}
                               for r, p in zip(kept_recs, scores.argmax(1))]}
-    return result, {"scores": scores.numpy()}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuned classifiers (train.py --stage finetune): the official multi-view test
+
+def load_finetuned(ckpt, spec=None):
+    """A fine-tune run / step_* folder, or a file of load_official kind "finetune" (its kind in `spec`, default
+    the .json beside it) -> (VideoViT with heads="classify" in eval mode, info {kind, step, source})."""
+    accepts = "a fine-tuned classifier: a `train.py --stage finetune` run or checkpoint folder, or a file of " \
+              "load_official kind 'finetune'"
+    if os.path.isdir(ckpt):
+        path = latest_checkpoint(ckpt) or latest_checkpoint(os.path.join(ckpt, "checkpoints"))
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint at {ckpt}")
+        meta = read_meta(path)
+        if meta["model_config"].get("heads") != "classify":
+            kind = "stage2" if "bert" in meta["model_config"] else meta["model_config"].get("heads", "unknown")
+            raise CheckpointKindError(f"{ckpt} is not fine-tuned (its model: {kind!r}); `eval.py classify "
+                                      f"--finetuned` accepts {accepts}; for zero-shot classification leave out "
+                                      f"--finetuned")
+        model = VideoViT(VisionConfig(**meta["model_config"]))
+        model.load_state_dict(consolidate(path))
+        return model.eval(), {"kind": "finetune", "step": meta["step"], "source": path}
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
+    spec = spec or os.path.splitext(ckpt)[0] + ".json"
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{ckpt} has no {spec} beside it saying its kind and arguments: pass --spec JSON "
+                                f'({{"kind": "finetune", "kwargs": {{...load_official keywords}}}})')
+    with open(spec) as f:
+        desc = json.load(f)
+    if desc["kind"] != "finetune":
+        raise CheckpointKindError(f"{ckpt} is a {desc['kind']!r} checkpoint; `eval.py classify --finetuned` "
+                                  f"accepts {accepts}")
+    from .checkpoint import load_official
+    model = load_official("finetune", ckpt, **desc.get("kwargs", {}))
+    return model, {"kind": "finetune", "step": desc.get("step"), "source": ckpt}
+
+
+def multi_view(frames, clips, crops, size):
+    """uint8 (clips * T, H, W, 3), evenly spaced over the video -> float32 (clips * crops, 3, T, size, size).
+    Clip c takes frames c, c + clips, ...: T frames over the whole video, each clip at its own offset (the
+    official sparse test sampling); each crop is a square of the short side at the start, centre or end of the
+    long side (crops = 1: the centre), resized to `size` (official: short side to size, then crops)."""
+    H, W = frames.shape[1:3]
+    side, room = min(H, W), abs(H - W)
+    offsets = [room // 2] if crops == 1 else [room * i // (crops - 1) for i in range(crops)]
+    views = []
+    for c in range(clips):
+        clip = frames[c::clips]                                               # (T, H, W, 3)
+        for o in offsets:
+            top, left = (o, 0) if H > W else (0, o)
+            views.append(normalize(crop_resize(clip, top, left, side, side, size, "bicubic")))
+    return torch.stack(views)                                                 # (views, 3, T, size, size)
+
+
+@torch.no_grad()
+def finetuned_classify_eval(model, records, root, class_names, *, clips=2, crops=1, batch_size=8, subsets=None,
+                            progress=False):
+    """Records with .label -> (result, {"scores": (Nv, n_cls)}): each video's softmax over the classes averaged
+    over its clips x crops views. Undecodable videos are skipped and counted."""
+    cfg = model.cfg
+    if len(class_names) != cfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a classifier of {cfg.num_classes} classes")
+    for i, rec in enumerate(records):
+        if not 0 <= rec.label < cfg.num_classes:
+            raise ValueError(f"record {i} ({rec.path}): label {rec.label} is not one of the {cfg.num_classes} "
+                             f"classes")
+    kept, failed, scores = [], [], []
+    for start in tqdm(range(0, len(records), batch_size), desc="videos", unit="batch", disable=not progress):
+        views = []
+        for i in range(start, min(start + batch_size, len(records))):
+            path = records[i].path if os.path.isabs(records[i].path) else os.path.join(root, records[i].path)
+            try:
+                frames = read_frames(path, cfg.num_frames * clips, "middle")   # (clips * T, H, W, 3)
+            except DecodeError as e:
+                failed.append((records[i].path, e.reason))
+                continue
+            views.append(multi_view(frames, clips, crops, cfg.img_size))
+            kept.append(i)
+        if views:
+            logits = model(torch.cat(views)).logits.double()                  # (n * views, n_cls)
+            scores.append(logits.softmax(-1).view(len(views), clips * crops, -1).mean(1))   # (n, n_cls)
+    refuse_missing([] if kept else failed, f"of the {len(records)} videos (all of them)")
+    scores = torch.cat(scores)
+    return class_result(scores, [records[i] for i in kept], failed, class_names, subsets), {"scores": scores.numpy()}
 
 
 def read_multiple_choice(path):

@@ -6,7 +6,9 @@
 
 Heads, by `cfg.heads` (the official class each reproduces, key for key):
     "distill"   stage-1 student `PretrainInternVideo2` (single_modality): clip_decoder (K x Linear->LN->l2),
-                final_clip_decoder, mae_decoder (K x MLP->LN->l2), clip_pos_embed, mae_pos_embed
+                final_clip_decoder, mae_decoder (K x MLP->LN->l2), clip_pos_embed, mae_pos_embed; with
+                clip_decoder_mlp and mae_return_layer=0 the S/B/L distillation student `DistInternVideo2`
+                (MLP clip decoders, no MAE branch)
     "align"     stage-2 vision encoder `PretrainInternVideo2` (multi_modality): clip_decoder,
                 final_clip_decoder, clip_pos_embed (+ img_pos_embed/clip_img_pos_embed if separate)
     "classify"  fine-tune `InternVideo2`: fc_norm + dropout + head on the pooled vector
@@ -152,12 +154,12 @@ class VideoViT(nn.Module):
             if cfg.sep_image_video_pos_embed:
                 self.clip_img_pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid ** 2, C))
             self.clip_decoder = nn.ModuleList([
-                AlignDecoder(C, cfg.clip_teacher_embed_dim, norm_type=cfg.clip_norm_type)
+                AlignDecoder(C, cfg.clip_teacher_embed_dim, mlp=cfg.clip_decoder_mlp, norm_type=cfg.clip_norm_type)
                 for _ in range(cfg.clip_return_layer)])
             if cfg.clip_teacher_final_dim > 0:
                 self.final_clip_decoder = AlignDecoder(cfg.clip_embed_dim, cfg.clip_teacher_final_dim,
-                                                       norm_type=cfg.clip_norm_type)
-        if cfg.heads == "distill":
+                                                       mlp=cfg.clip_decoder_mlp, norm_type=cfg.clip_norm_type)
+        if cfg.heads == "distill" and cfg.mae_return_layer > 0:     # 0: a distillation student, no MAE branch
             self.mae_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, C))
             self.mae_decoder = nn.ModuleList([
                 AlignDecoder(C, cfg.mae_teacher_embed_dim, mlp=True, norm_type=cfg.mae_norm_type)
@@ -279,7 +281,7 @@ class VideoViT(nn.Module):
             clip_pos = clip_pos[visible_idx] if visible_idx is not None else clip_pos.expand(B, -1, -1)
             out.clip_align = torch.stack([dec(f + clip_pos.to(f.dtype))
                                           for dec, f in zip(self.clip_decoder, clip_feats)])
-        if cfg.heads == "distill":
+        if cfg.heads == "distill" and cfg.mae_return_layer > 0:
             mae_pos = self.mae_pos_embed[0]                                        # (N, C), no CLS
             # visible patch positions: drop the CLS slot (index 0, first when sorted) and shift by one
             mae_pos = mae_pos[visible_idx[:, 1:] - 1] if visible_idx is not None else mae_pos.expand(B, -1, -1)

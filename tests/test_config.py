@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from ivmini.stages.common import param_groups
 from ivmini.config import RECIPES, TrainConfig, train_config
 from ivmini.vit import VideoViT
 from ivmini.config import vision_config
@@ -22,7 +23,11 @@ def test_recipes_carry_the_official_numbers():
     tiny = train_config(1, "tiny")
     assert tiny.epochs == 0 and tiny.max_steps == 300 and tiny.task == type(tiny.task)(
         num_frames=8, img_size=0, mask_ratio=0.8, clip_return_layer=2, mae_return_layer=2)
-    assert sorted(RECIPES) == [1, 2]
+    assert {1, 2, "finetune"} <= set(RECIPES)
+    ft = train_config("finetune", "1B")      # facts §2.7: SM 1B_ft_k710_f8.sh
+    assert (ft.epochs, ft.warmup_epochs, ft.base_lr, ft.beta2, ft.weight_decay, ft.lr_scaling) == \
+        (9, 2, 5e-5, 0.999, 0.05, "batch256")
+    assert (ft.task.layer_decay, ft.task.drop_path, ft.task.label_smoothing, ft.task.num_frames) == (0.9, 0.3, 0.1, 8)
 
 
 def test_stage2_recipe_carries_the_official_numbers():
@@ -87,7 +92,7 @@ def test_help_lists_every_option_with_its_comment_and_the_recipe_default():
     for name in ("--max-steps=300", "--epochs=301", "--batch-size=32", "--clip-return-layer=6", "--act-ckpt=True"):
         assert name in out, name
     assert "student blocks distilled from the multimodal teacher" in out
-    assert "Stages: 1, 2." in out
+    assert "Stages: 1, 2," in out and "finetune" in out.split("Stages:")[1].split(".")[0]
     lines = [line for line in out.splitlines() if line.startswith("  --") and "=" in line.split()[0]]
     assert len(lines) == len([f for f in TrainConfig.__dataclass_fields__ if f != "task"]) + \
         len(train_config(1).task.__dataclass_fields__)
@@ -104,7 +109,7 @@ def test_param_groups_follow_requires_grad_and_declared_no_decay_names():
             self.frozen.requires_grad_(False)
 
     model = Towers()
-    decay, no_decay = train.param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

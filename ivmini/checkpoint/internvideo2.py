@@ -39,14 +39,15 @@ _HEADS = {"stage1_pretrain": "distill", "finetune": "classify", "stage2_vision":
 # but never applied by the official code. use_fused_mlp does matter: it picks the MLP activation (tanh-GELU).
 
 
-def official_config(kind, mlp_act=None, **kwargs) -> VisionConfig:
-    """VisionConfig equal to the official constructor called with `kwargs` for `kind`."""
+def official_config(kind, mlp_act=None, clip_decoder_mlp=False, **kwargs) -> VisionConfig:
+    """VisionConfig equal to the official constructor called with `kwargs` for `kind`. ivmini's clip_decoder_mlp
+    (with mae_return_layer=0) is the distilled S/B/L student's layout: MLP clip decoders, no MAE branch."""
     if kind not in OFFICIAL_KWARGS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {sorted(OFFICIAL_KWARGS)}")
     unknown = sorted(set(kwargs) - set(OFFICIAL_KWARGS[kind]))
     if unknown:
-        raise TypeError(f"load_official({kind!r}): unknown keyword(s) {unknown}; the official constructor "
-                        f"takes {sorted(OFFICIAL_KWARGS[kind])} (plus ivmini's mlp_act, orig_t_size)")
+        raise TypeError(f"load_official({kind!r}): unknown keyword(s) {unknown}; the official constructor takes "
+                        f"{sorted(OFFICIAL_KWARGS[kind])} (plus ivmini's mlp_act, clip_decoder_mlp, orig_t_size)")
     a = dict(OFFICIAL_KWARGS[kind], **kwargs)
     if a["sep_pos_embed"]:
         raise ValueError("sep_pos_embed=True is not supported: no released InternVideo2 checkpoint uses it")
@@ -58,7 +59,7 @@ def official_config(kind, mlp_act=None, **kwargs) -> VisionConfig:
         layerscale_fp32=not a["layerscale_no_force_fp32"], num_frames=a["num_frames"],
         tubelet_size=a["tubelet_size"], drop_path_rate=a["drop_path_rate"],
         attn_pool_num_heads=a["attn_pool_num_heads"], clip_embed_dim=a["clip_embed_dim"], heads=_HEADS[kind],
-        sep_image_video_pos_embed=a.get("sep_image_video_pos_embed", False))
+        sep_image_video_pos_embed=a.get("sep_image_video_pos_embed", False), clip_decoder_mlp=clip_decoder_mlp)
     for name in ("clip_teacher_embed_dim", "clip_teacher_final_dim", "clip_return_layer",
                  "clip_student_return_interval", "clip_norm_type", "mae_teacher_embed_dim", "mae_return_layer",
                  "mae_student_return_interval", "mae_norm_type", "num_classes", "fc_drop_rate"):
@@ -144,7 +145,7 @@ def official_kwargs(cfg: VisionConfig):
                 clip_student_return_interval=cfg.clip_student_return_interval,
                 mae_teacher_embed_dim=cfg.mae_teacher_embed_dim, mae_norm_type=cfg.mae_norm_type,
                 mae_return_layer=cfg.mae_return_layer, mae_student_return_interval=cfg.mae_student_return_interval,
-                mlp_act=cfg.mlp_act)
+                mlp_act=cfg.mlp_act, clip_decoder_mlp=cfg.clip_decoder_mlp)
 
 
 def export(ckpt, out):

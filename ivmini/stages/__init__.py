@@ -11,10 +11,15 @@ train.py calls, for STAGES[cfg.stage] (cfg.task holds the stage's own options):
                                            inside `model` are frozen parts of it (not optimised)
     forward_loss(model, frozen, batch, cfg, epoch) -> (loss tensor, {name: float} for logging)
     flops_per_clip(model, frozen, cfg) -> model FLOPs per clip (for MFU)
+    optimizer_groups(model, cfg) -> AdamW groups (common.param_groups' weight-decay rules; a group's
+                                           "lr_scale" multiplies its learning rate, e.g. layer-wise decay);
+                                           common.optimizer_groups where a stage has nothing of its own
 
 stage1.py  unmasked-token distillation from a multimodal and a motion teacher (paper §3.1)
 stage2.py  video-text alignment: VTC, VTM, MLM with a BERT text tower (paper §3.2)
+finetune.py  fine-tuning and linear / attentive probing on classification (facts §2.7)
+distill.py  distillation of the S/B/L students from a stage-2 video encoder (facts §2.6)
 """
-from . import stage1, stage2
+from . import distill, finetune, stage1, stage2
 
-STAGES = {1: stage1, 2: stage2}
+STAGES = {1: stage1, 2: stage2, "finetune": finetune, "distill": distill}

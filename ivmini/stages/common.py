@@ -1,4 +1,5 @@
-"""What the stages share: where the data is, per-sample seeds, and full batches of a sharded order."""
+"""What the stages share: where the data is, per-sample seeds, full batches of a sharded order, and the
+optimizer's parameter groups (the weight-decay rules; a stage may add a learning-rate scale per group)."""
 import os
 
 import numpy as np
@@ -39,3 +40,33 @@ class Batches:
         indices = list(self.sampler)
         for i in range(0, len(indices) - self.batch_size + 1, self.batch_size):
             yield indices[i:i + self.batch_size]
+
+
+def param_groups(model, weight_decay, lr_scale=None):
+    """Trained parameters (requires_grad) in AdamW groups: with weight decay, and without it for 1-D params,
+    biases and the names each submodule declares in its `no_weight_decay()`. lr_scale: name -> factor on the
+    learning rate (e.g. layer-wise decay), splitting the groups further; each group then carries "lr_scale".
+    Without it: exactly [decay group, no-decay group]."""
+    skip = set()
+    for prefix, m in model.named_modules():
+        declared = getattr(m, "no_weight_decay", None)   # a module's declaration, not a feature probe
+        if callable(declared):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in declared()}
+    groups = {}                                          # (decays, lr scale) -> group, in first-seen order
+    if lr_scale is None:
+        groups = {(True, None): {"params": [], "weight_decay": weight_decay},
+                  (False, None): {"params": [], "weight_decay": 0.0}}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        scale = None if lr_scale is None else float(lr_scale(name))
+        group = groups.setdefault((decays, scale), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    "lr_scale": scale})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def optimizer_groups(model, cfg):
+    """The stage hook train.py calls for the AdamW groups: the weight-decay rules, one learning rate."""
+    return param_groups(model, cfg.weight_decay)

@@ -17,9 +17,12 @@ from ..data.datasets import VideoDataset, read_stage1_list
 from ..losses import gather_targets, stage1_distill_losses
 from ..masking import num_visible, semantic_visible_idx
 from ..vit import VideoViT, count_params
+from . import common
 from .common import Batches, data_paths, sample_seed
 
 log = logging.getLogger("ivmini.stages")
+
+optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
 
 
 def dataset(cfg):

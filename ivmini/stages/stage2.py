@@ -19,9 +19,12 @@ from ..data.datasets import MediaBatchSampler, VideoDataset, read_stage2_json
 from ..dist import consolidate, latest_checkpoint
 from ..text import WordPieceTokenizer, load_hf_bert, minilm_path
 from ..vit import count_params
+from . import common
 from .common import data_paths, sample_seed
 
 log = logging.getLogger("ivmini.stages")
+
+optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
 
 STAGE1_RUNS = "runs/stage1"   # where vision_init=auto looks (the stage-1 default --out)
 
