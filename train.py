@@ -172,7 +172,11 @@ def train(cfg, stage, rank, world, device, lock):
     resume, run_id = dist.from_rank_zero(lambda: runs.prepare(cfg, lock))
 
     # model: built identically on every rank (same seed), then wrapped (FSDP2, recompute, compile)
-    model, frozen = stage.build(cfg, device)
+    try:
+        model, frozen = stage.build(cfg, device)
+    except (OSError, KeyError, ValueError) as e:   # weights missing or of another model (the message names them)
+        log.debug("building the model failed", exc_info=True)
+        raise runs.RunError(f"stage {cfg.stage}: {e}") from None
     if resume:
         runs.check_resume(resume, dist.read_meta(resume), dataclasses.asdict(model.cfg), max_steps)
     dist.parallelize(model, frozen.values(), device, act_ckpt=cfg.act_ckpt, compile=cfg.compile)
