@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from ivmini import evaluate, features
+from ivmini import classify, evaluate, features
 from ivmini.data import synthetic
 from ivmini.data.datasets import read_classify_csv, read_eval_json
 from ivmini.stages.stage2 import tokenizer
@@ -119,7 +119,7 @@ def classify_finetuned(args, out, stem):
     if args.clips < 1 or args.crops < 1:
         sys.exit(f"--clips={args.clips} and --crops={args.crops} must be at least 1")
     try:
-        model, info = evaluate.load_finetuned(args.ckpt, spec=args.spec)
+        model, info = classify.load_finetuned(args.ckpt, spec=args.spec)
     except evaluate.CheckpointKindError as e:
         sys.exit(f"error: {e}")
     cfg = model.cfg
@@ -132,7 +132,7 @@ def classify_finetuned(args, out, stem):
                 f"square, start / centre / end), {cfg.img_size}x{cfg.img_size} | the classifier's softmax averaged "
                 f"over the {args.clips * args.crops} views; headline: top1")
     print(protocol, flush=True)
-    result, mats = evaluate.finetuned_classify_eval(model, read_classify_csv(data), root, names, clips=args.clips,
+    result, mats = classify.finetuned_classify_eval(model, read_classify_csv(data), root, names, clips=args.clips,
                                                     crops=args.crops, batch_size=args.batch_size, subsets=subsets,
                                                     progress=True)
     result = result | {"clips": args.clips, "crops": args.crops}
@@ -167,8 +167,8 @@ def main(argv=None):
                   f"by ITC, others -100); headline: match t2v_r1" if itm else
                   "sim (ITC cosine, temp 1), dsl (dual softmax), no ITM; headline: sim t2v_r1")
     elif args.task == "classify":
-        scores = (f"ITC softmax over the {len(evaluate.TEMPLATES)} x classes texts, averaged over the "
-                  f"{len(evaluate.TEMPLATES)} templates; headline: top1")
+        scores = (f"ITC softmax over the {len(classify.TEMPLATES)} x classes texts, averaged over the "
+                  f"{len(classify.TEMPLATES)} templates; headline: top1")
     else:
         scores = ("option with the highest score; ITC cosine and ITM positive logit; headline: ITM accuracy" if itm
                   else "option with the highest ITC cosine; headline: ITC accuracy")
@@ -185,12 +185,12 @@ def main(argv=None):
     elif args.task == "classify":
         data, root, subsets = data_files(args, "classify_test.csv")
         names = args.classes or os.path.join(os.path.dirname(os.path.abspath(data)), "classes.json")
-        result, mats = evaluate.classify_eval(model, read_classify_csv(data), root, vocab, read_class_names(names),
+        result, mats = classify.classify_eval(model, read_classify_csv(data), root, vocab, read_class_names(names),
                                               subsets=subsets, **common)
         summary = result["metrics"] | {"chance_top1": result["chance_top1"]}
     else:
         data, root, _ = data_files(args, "instruct_test.json")
-        result, mats = evaluate.mcqa_eval(model, evaluate.read_multiple_choice(data), root, vocab, itm=itm,
+        result, mats = classify.mcqa_eval(model, classify.read_multiple_choice(data), root, vocab, itm=itm,
                                           **common), {}
         summary = result["metrics"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ivmini import evaluate
+from ivmini import classify, evaluate
 from ivmini.data.datasets import DataError, Record, read_eval_json
 from ivmini.losses import vtm_loss
 from ivmini.stages.stage2 import tokenizer
@@ -71,16 +71,16 @@ def test_itm_reranks_only_inside_each_querys_top_k(seed):
 
 
 def test_template_ensembling_against_a_hand_computation():
-    texts = evaluate.class_prompts(["Moving Left", "rotating"])
-    assert len(evaluate.TEMPLATES) == 16 and len(texts) == 32
+    texts = classify.class_prompts(["Moving Left", "rotating"])
+    assert len(classify.TEMPLATES) == 16 and len(texts) == 32
     assert texts[0] == "a photo of action moving left" and texts[16] == "a photo of action rotating"
     assert texts[11] == "can you recognize the action of moving left"        # pre_text: lower case, no '?'
     scores = torch.rand(3, 2 * 16, dtype=torch.float64)
-    out = evaluate.ensemble_templates(scores)
+    out = classify.ensemble_templates(scores)
     for v in range(3):
         for c in range(2):
             assert out[v, c] == pytest.approx(sum(scores[v, c * 16 + t].item() for t in range(16)) / 16)
-    correct = evaluate.topk_correct(torch.tensor([[0.2, 0.2, 0.1], [0.5, 0.1, 0.4]]), [0, 0], 1)
+    correct = classify.topk_correct(torch.tensor([[0.2, 0.2, 0.1], [0.5, 0.1, 0.4]]), [0, 0], 1)
     assert correct.tolist() == [False, True]          # a tie for first is not a correct top-1
 
 
@@ -105,13 +105,13 @@ def test_bad_multiple_choice_entry_is_named(tmp_path):
     path = tmp_path / "mc.json"
     path.write_text(json.dumps([good, {"video": "b.mp4", "caption": ["x", "y"], "answer": 2}]))
     with pytest.raises(ValueError, match="entry 1: answer must be an index into the 2 options"):
-        evaluate.read_multiple_choice(str(path))
+        classify.read_multiple_choice(str(path))
     path.write_text(json.dumps([good, {"video": "c.mp4", "QA": [{"q": "what?", "options": ["a", "b"]}]}]))
     with pytest.raises(ValueError, match="entry 1: QA 0: needs 'q', 'options' and 'answer_idx'"):
-        evaluate.read_multiple_choice(str(path))
+        classify.read_multiple_choice(str(path))
     path.write_text(json.dumps([good, {"video": "d.mp4", "QA": [{"q": "What colour?", "options": ["red", "blue"],
                                                                  "answer_idx": 0, "type": "colour"}]}]))
-    qs = evaluate.read_multiple_choice(str(path))
+    qs = classify.read_multiple_choice(str(path))
     assert qs[1] == {"video": "d.mp4", "type": "colour", "options": ["what colour red", "what colour blue"],
                      "answer": 0}
 

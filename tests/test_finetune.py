@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ivmini.stages.common import param_groups
 from ivmini import dist
+from ivmini.classify import multi_view, topk_correct
 from ivmini.config import train_config, vision_config
-from ivmini.evaluate import multi_view, topk_correct
 from ivmini.stages import finetune
+from ivmini.stages.common import param_groups
 from ivmini.vit import VideoViT
 
 from test_train import ROOT, env, metrics
