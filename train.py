@@ -38,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import kernels
 from ivmini import dist, runs, stages
 from ivmini.config import RECIPES, TrainConfig, option, train_config
-from ivmini.data.datasets import make_loader
+from ivmini.data.sampling import make_loader
 
 log = logging.getLogger("ivmini.train")
 

@@ -10,8 +10,9 @@ import torch
 
 import test_data_video as video_tests
 from ivmini.data import transforms as T
-from ivmini.data.datasets import (ShardedSampler, VideoDataset, collate, make_loader, pre_text, read_classify_csv,
-                                  read_eval_json, read_instruct_json, read_stage1_list, read_stage2_json)
+from ivmini.data.datasets import (VideoDataset, collate, pre_text, read_classify_csv, read_eval_json,
+                                  read_instruct_json, read_stage1_list, read_stage2_json)
+from ivmini.data.sampling import ShardedSampler, make_loader
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ivmini.data import synthetic as S
-from ivmini.data.datasets import (DataError, MediaBatchSampler, Record, ShardedSampler, VideoDataset, make_loader,
-                                  read_stage2_json)
+from ivmini.data.datasets import DataError, Record, VideoDataset, read_stage2_json
+from ivmini.data.sampling import MediaBatchSampler, ShardedSampler, make_loader
 
 SIZE = 32
 

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from .datasets import Record, ShardedSampler, VideoDataset, make_loader
+from .datasets import Record, VideoDataset
+from .sampling import ShardedSampler, make_loader
 from .transforms import make_rng
 from .video import read_frames
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from ..data import synthetic
-from ..data.datasets import ShardedSampler
+from ..data.sampling import ShardedSampler
 
 
 def sample_seed(seed, epoch, index):

@@ -15,7 +15,8 @@ import torch
 from ..align import AlignConfig, VideoTextModel, stage2_visible_idx
 from ..checkpoint import check_keys, init_vision_from_stage1, read_state_dict, stage2_from_official
 from ..config import vision_config
-from ..data.datasets import MediaBatchSampler, VideoDataset, read_stage2_json
+from ..data.datasets import VideoDataset, read_stage2_json
+from ..data.sampling import MediaBatchSampler
 from ..dist import consolidate, latest_checkpoint
 from ..text import WordPieceTokenizer, load_hf_bert, minilm_path
 from ..vit import count_params
