@@ -14,7 +14,8 @@ Without --data: the synthetic world's test split, with seen / novel attribute co
 Each task prints one protocol line first, shows progress, and writes --out (default results_<task>.json)
 atomically, never over an existing file without --overwrite; retrieval also writes its score matrices
 (<out>.itc.npy, .itm_t2v.npy, .itm_v2t.npy, all (texts, videos)), classify its (videos, classes) scores.
-The protocol, the score sets and the metric names: ivmini/evaluate.py. Tests: tests/test_eval.py.
+The protocols, score sets and metric names: ivmini/evaluate.py (retrieval), ivmini/classify.py (classify, mcqa).
+Tests: tests/test_eval.py.
 """
 import argparse
 import json
@@ -115,7 +116,7 @@ def save_results(args, out, stem, protocol, data, root, result, mats, summary, i
 
 
 def classify_finetuned(args, out, stem):
-    """eval.py classify --finetuned: the classifier's own logits over clips x crops views (ivmini/evaluate.py)."""
+    """eval.py classify --finetuned: the classifier's own logits over clips x crops views (ivmini/classify.py)."""
     if args.clips < 1 or args.crops < 1:
         sys.exit(f"--clips={args.clips} and --crops={args.crops} must be at least 1")
     try:

@@ -15,7 +15,7 @@ does not have (distillation decoders, the text tower) are dropped by name and lo
                     (the official attentive probe, which retrains the pool: --open_clip_projector)
 Frozen parts have requires_grad False inside the one trained module; the probes run without drop path.
 Loss: cross-entropy with label smoothing (optionally on mixup / cutmix targets); logged: loss, top1 (%, batch).
-Evaluation: python eval.py classify --ckpt runs/finetune --finetuned (multi-view, ivmini/evaluate.py).
+Evaluation: python eval.py classify --ckpt runs/finetune --finetuned (multi-view, ivmini/classify.py).
 Tests: tests/test_finetune.py.
 """
 import json
