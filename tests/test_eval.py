@@ -1,7 +1,7 @@
-"""eval.py, ivmini/evaluate.py and ivmini/classify.py: the retrieval metrics on known matrices (ties count against
-the query, multiple ground-truth captions count the best), ITM re-ranking only inside the top-k, template score ensembling against
-a hand computation, the named errors (checkpoint kind, annotation entry, undecodable video), and one
-`python eval.py retrieval` end to end on a 2-step stage-2 run whose saved matrices reproduce its JSON.
+"""eval.py, ivmini/evaluate.py and ivmini/classify.py: the retrieval metrics on known matrices (ties count against the
+query, multiple ground-truth captions count the best), ITM re-ranking only inside the top-k, template score
+ensembling against a hand computation, the named errors (checkpoint kind, annotation entry, undecodable video), and
+one `python eval.py retrieval` end to end on a 2-step stage-2 run whose saved matrices reproduce its JSON.
 
     python -m pytest tests/test_eval.py -q
 """
