@@ -36,12 +36,12 @@ def test_resume_is_bit_identical(tmp_path, world, minilm):
     bit-identical parameters (model, optimizer incl. parameters without state yet, e.g. the image position table
     before the first image batch, schedule, data position and media order, the RNG of masks, MLM masking and VTM
     negatives)."""
-    stage2(tmp_path / "straight", world, "--max-steps=6", "--ckpt-every=3", "--keep-ckpts=3", "--batch-size=4",
-           "--accum=2")
+    common = ("--max-steps=6", "--ckpt-every=3", "--batch-size=2", "--accum=2", "--workers=2")   # as users run it:
+    stage2(tmp_path / "straight", world, *common, "--keep-ckpts=3", nproc=2)             # 2 ranks, DataLoader workers
     os.makedirs(tmp_path / "resumed" / "checkpoints")
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000003",
                     tmp_path / "resumed" / "checkpoints" / "step_00000003")
-    stage2(tmp_path / "resumed", world, "--max-steps=6", "--ckpt-every=3", "--batch-size=4", "--accum=2", "--resume")
+    stage2(tmp_path / "resumed", world, *common, "--resume", nproc=2)
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [4, 5, 6]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight[3:]]
