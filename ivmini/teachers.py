@@ -5,6 +5,8 @@ loaders and `build_teachers` live in ivmini/checkpoint/teachers.py (models know 
                        models/internvl_clip_vision.py `InternVL_CLIP`, key for key: it *is* a VideoViT
                        with num_frames=1 and no heads)
     ClipVisualTeacher  an OpenAI-CLIP visual tower (ViT-B/16, L/14) as a cheaper multimodal teacher
+    Stage2Teacher      a stage-2 InternVideo2 vision encoder run on the whole clip: the teacher of the S/B/L
+                       distillation (ivmini/stages/distill.py)
     MotionTeacher      VideoMAEv2-g (official models/videomae.py `VisionTransformer`: its position table,
                        and VideoMAEv2's per-head attention by default, see below)
 
@@ -33,7 +35,7 @@ which expects (B, N, heads, d): it attends across the 16 heads of each token and
 tokens, so that is MotionTeacher's default (attention="per_head"). attention="across_heads" computes
 what the official file computes (AcrossHeadsAttention), to reproduce InternVideo2's stage-1 targets.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -118,10 +120,39 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
 
+class VideoTeacher(FrozenTeacher, VideoViT):
+    """A frozen VideoViT that returns its blocks `return_index` (_return_index) and its pool's output."""
+
+    def __init__(self, cfg: VisionConfig, return_layers, return_interval):
+        super().__init__(cfg)
+        self.return_index = _return_index(cfg.depth, return_layers, return_interval)
+        self.embed_dim, self.pooled_dim = cfg.embed_dim, cfg.clip_embed_dim
+        self.requires_grad_(False)
+        self.eval()
+
+
+class Stage2Teacher(VideoTeacher):
+    """A stage-2 vision encoder without its heads, run on the whole clip (not frame by frame), the teacher of the
+    S/B/L distillation (ivmini/stages/distill.py). forward(video (B, 3, T, H, W)) -> TeacherOutput with
+        layers (K, B, 1+T*N, C)  blocks `return_index` (ascending), every vector L2-normalised
+        pooled (B, D)            the attention pool's output, L2-normalised
+        attn   (B, T*N)          the pool's attention (head mean) over the patch keys, CLS key left out, fp32"""
+
+    def __init__(self, cfg: VisionConfig, return_layers, return_interval):
+        super().__init__(replace(cfg, heads="none", drop_path_rate=0.0), return_layers, return_interval)
+
+    @torch.no_grad()
+    def forward(self, video) -> TeacherOutput:
+        out = super().forward(video, return_layers=self.return_index, pool=False)
+        x = out.tokens                                                       # (B, 1+T*N, C)
+        attn = self.clip_projector.attention_weights(x)[:, 1:]               # (B, T*N)
+        return TeacherOutput(layers=_l2(torch.stack(out.layers)), pooled=_l2(self.clip_projector(x)), attn=attn)
+
+
 # ---------------------------------------------------------------------------------------------
 # multimodal teachers
 
-class MultimodalTeacher(FrozenTeacher, VideoViT):
+class MultimodalTeacher(VideoTeacher):
     """InternViT-6B (InternVL-C vision tower) run frame-wise. size: "6B" | "tiny"; overrides: VisionConfig
     fields. The parameter names are those of the official InternVL_CLIP (patch_embed.proj, pos_embed,
     cls_token, blocks.N.*, clip_projector.*)."""
@@ -130,11 +161,7 @@ class MultimodalTeacher(FrozenTeacher, VideoViT):
                  **overrides):
         cfg = VisionConfig(**{**INTERNVIT_COMMON, **_preset(INTERNVIT_PRESETS, size), "img_size": img_size,
                               "mlp_act": mlp_act, **overrides})
-        super().__init__(cfg)
-        self.return_index = _return_index(cfg.depth, return_layers, return_interval)
-        self.embed_dim, self.pooled_dim = cfg.embed_dim, cfg.clip_embed_dim
-        self.requires_grad_(False)
-        self.eval()
+        super().__init__(cfg, return_layers, return_interval)
 
     @torch.no_grad()
     def forward(self, video) -> TeacherOutput:

@@ -26,7 +26,7 @@ from ..data.datasets import VideoDataset, read_stage1_list
 from ..dist import consolidate, latest_checkpoint, read_meta
 from ..losses import cosine_distill, gather_targets
 from ..masking import clip_attention_visible_idx, num_visible
-from ..teachers import FrozenTeacher, TeacherOutput, _l2, _return_index
+from ..teachers import Stage2Teacher
 from ..vit import VideoViT, count_params
 from . import common
 from .common import Batches, data_paths, sample_seed
@@ -38,28 +38,6 @@ optimizer_groups = common.optimizer_groups     # the stage hook: the shared Adam
 STAGE2_RUNS = "runs/stage2"   # where teacher=auto looks (the stage-2 default --out)
 # the stage-2 encoder's parts the teacher does not use (official: dropped when the teacher is built)
 UNUSED = ("clip_decoder.", "final_clip_decoder.", "clip_pos_embed", "clip_img_pos_embed")
-
-
-class Stage2Teacher(FrozenTeacher, VideoViT):
-    """A stage-2 vision encoder without its heads, run on the whole clip (not frame by frame).
-    forward(video (B, 3, T, H, W)) -> TeacherOutput with
-        layers (K, B, 1+T*N, C)  blocks `return_index` (ascending), every vector L2-normalised
-        pooled (B, D)            the attention pool's output, L2-normalised
-        attn   (B, T*N)          the pool's attention (head mean) over the patch keys, CLS key left out, fp32"""
-
-    def __init__(self, cfg: VisionConfig, return_layers, return_interval):
-        super().__init__(dataclasses.replace(cfg, heads="none", drop_path_rate=0.0))
-        self.return_index = _return_index(cfg.depth, return_layers, return_interval)
-        self.embed_dim, self.pooled_dim = cfg.embed_dim, cfg.clip_embed_dim
-        self.requires_grad_(False)
-        self.eval()
-
-    @torch.no_grad()
-    def forward(self, video) -> TeacherOutput:
-        out = super().forward(video, return_layers=self.return_index, pool=False)
-        x = out.tokens                                                       # (B, 1+T*N, C)
-        attn = self.clip_projector.attention_weights(x)[:, 1:]               # (B, T*N)
-        return TeacherOutput(layers=_l2(torch.stack(out.layers)), pooled=_l2(self.clip_projector(x)), attn=attn)
 
 
 def _teacher_weights(src):
