@@ -8,6 +8,7 @@ package knows files. One module per source, everything importable from ivmini.ch
                        (python -m ivmini.checkpoint export RUN OUT)
     teachers.py        stage-1 teachers: load_internvl_c, load_videomae_v2, load_openai_clip_visual, build_teachers
     stage2.py          stage 2: load_stage2 (kind "stage2"), its key maps and export arguments, init_vision_from_stage1
+    beats.py           the BEATs audio tower: load_beats (kind "beats"), beats_from_official
 
 Loading is strict everywhere: every missing, unexpected or mis-shaped key is an error that names it,
 unless it matches a pattern in `ignore=` (fnmatch syntax; ignored keys keep the model's own values).
@@ -24,6 +25,8 @@ load_official kinds (the official class each reproduces, key for key):
     "stage2"           InternVideo2_Stage2_visual (vision_encoder.*, text_encoder.{bert,cls}.*, vision_proj,
                        text_proj, itm_head, temp), keywords vision= (stage2_vision's), text= (BertConfig's),
                        embed_dim=, temp=, mlp_act= (stage2.py: load_stage2)
+    "beats"            BEATs (InternVideo2 backbones/beats): a {'cfg', 'model'} file, or a state dict with
+                       BEATsConfig fields as keywords (beats.py: load_beats)
 The keyword arguments are the official constructor's, with the official defaults; an unknown one is
 an error. ivmini adds `mlp_act` ("gelu_tanh" | "gelu"; default: tanh when use_fused_mlp, which is the
 official default and what the released weights were trained with) and `orig_t_size` (frames of the
@@ -47,6 +50,7 @@ from .internvideo2 import (OFFICIAL_KWARGS, export, load_vision, official_config
                            rename_hf_layerscale, resize_pos_embeds)
 from .state_dicts import check_keys, read_state_dict, select_prefix
 from .text import bert_from_official, bert_to_official, load_bert_mlm, load_hf_bert, minilm_path
+from .beats import beats_from_official, load_beats
 from .stage2 import init_vision_from_stage1, load_stage2, stage2_from_official, stage2_kwargs, stage2_to_official
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
                        inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
@@ -55,6 +59,7 @@ from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_
 LOADERS = {kind: (lambda src, _kind=kind, **kw: load_vision(_kind, src, **kw)) for kind in OFFICIAL_KWARGS}
 LOADERS["bert_mlm"] = load_bert_mlm
 LOADERS["stage2"] = load_stage2
+LOADERS["beats"] = load_beats
 
 
 def load_official(kind, state_dict_or_path, **kwargs):
@@ -71,4 +76,4 @@ __all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_
            "inflate_patch_weight", "load_internvl_c", "load_videomae_v2", "load_openai_clip_visual",
            "build_teachers", "sinusoid_table", "bert_from_official", "bert_to_official", "load_bert_mlm",
            "load_hf_bert", "minilm_path", "load_stage2", "stage2_from_official", "stage2_to_official",
-           "stage2_kwargs", "init_vision_from_stage1"]
+           "stage2_kwargs", "init_vision_from_stage1", "load_beats", "beats_from_official"]
