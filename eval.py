@@ -55,6 +55,14 @@ def parse_args(argv=None):
         p.add_argument("--max-txt-l", type=int, help="text tokens (default: the run's, else 32)")
         if task == "retrieval":
             p.add_argument("--k", type=int, default=128, help="ITM re-ranks each query's top k (official 128)")
+            p.add_argument("--modality", choices=list(evaluate.MODALITIES), default="video",
+                           help="what the texts retrieve: video (ITC/ITM), audio (ATC/ATM) or audio-video (AVTC/AVTM; "
+                                "the last two need a model trained with --set audio=true)")
+            p.add_argument("--caption-key", help="the annotation key of the query texts (default by modality: "
+                           + ", ".join(f"{m} {c}" for m, (c, _) in evaluate.MODALITIES.items()) + ")")
+            p.add_argument("--same-text-gt", action="store_true",
+                           help="every video whose caption is the same text is a ground truth (official "
+                                "has_multi_vision_gt; on by default for --modality audio, whose captions repeat)")
         if task in ("retrieval", "mcqa"):
             p.add_argument("--no-itm", action="store_true", help="ITC only (no fusion-encoder scores)")
         if task == "classify":
@@ -153,6 +161,7 @@ def main(argv=None):
     for path in [out] + [f"{stem}.{a}.npy" for a in arrays]:
         if os.path.exists(path) and not args.overwrite:
             sys.exit(f"{path} exists; pass --overwrite to replace it (or another --out)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)   # before the work, not after it
 
     if args.task == "classify" and args.finetuned:
         classify_finetuned(args, out, stem)
@@ -164,9 +173,18 @@ def main(argv=None):
     itm = args.task != "classify" and not args.no_itm       # classify: ITC scores only
     common = dict(num_frames=args.frames, size=size, max_txt_l=max_txt_l, batch_size=args.batch_size, progress=True)
     if args.task == "retrieval":
-        scores = (f"sim (ITC cosine, temp 1), dsl (dual softmax), match (ITM re-rank of each query's top-{args.k} "
-                  f"by ITC, others -100); headline: match t2v_r1" if itm else
-                  "sim (ITC cosine, temp 1), dsl (dual softmax), no ITM; headline: sim t2v_r1")
+        tc, tm = {"video": ("ITC", "ITM"), "audio": ("ATC", "ATM"), "audio-video": ("AVTC", "AVTM")}[args.modality]
+        caption_key = args.caption_key or evaluate.MODALITIES[args.modality][0]
+        same_text = args.same_text_gt or args.modality == "audio"
+        gt = "every video with the same text is a ground truth" if same_text else "each caption's own video"
+        scores = (f"{args.modality} vs texts {caption_key!r}, {gt} | sim ({tc} cosine, temp 1), dsl (dual softmax), match "
+                  f"({tm} re-rank of each query's top-{args.k} by {tc}, others -100); headline: match t2v_r1" if itm else
+                  f"{args.modality} vs texts {caption_key!r}, {gt} | sim ({tc} cosine, temp 1), dsl (dual softmax), no "
+                  f"{tm}; headline: sim t2v_r1")
+        try:
+            evaluate.check_modality(model, args.modality, itm)
+        except evaluate.CheckpointKindError as e:
+            sys.exit(f"error: {e}")
     elif args.task == "classify":
         scores = (f"ITC softmax over the {len(classify.TEMPLATES)} x classes texts, averaged over the "
                   f"{len(classify.TEMPLATES)} templates; headline: top1")
@@ -179,8 +197,9 @@ def main(argv=None):
 
     if args.task == "retrieval":
         data, root, subsets = data_files(args, "retrieval_test.json")
-        result, mats = evaluate.retrieval_eval(model, read_eval_json(data), root, vocab, k=args.k, itm=itm,
-                                               subsets=subsets, **common)
+        result, mats = evaluate.retrieval_eval(model, read_eval_json(data, caption_key), root, vocab, k=args.k,
+                                               itm=itm, subsets=subsets, modality=args.modality,
+                                               same_text_gt=same_text, **common)
         summary = {name: {g: {m: round(v, 2) for m, v in r.items() if m in ("t2v_r1", "v2t_r1", "r_mean")}
                           for g, r in groups.items()} for name, groups in result["metrics"].items()}
     elif args.task == "classify":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .align import AlignConfig, VideoTextModel
+from .align_av import AudioVisualConfig, AudioVisualModel
 from .data import synthetic
 from .data.datasets import DataError, VideoDataset, collate, read_eval_json
 from .data.transforms import make_rng
@@ -43,7 +44,10 @@ def load_run(path):
     meta = read_meta(ckpt)
     if "bert" not in meta["model_config"]:
         raise ValueError(f"{ckpt} is not a stage-2 (video-text) checkpoint")
-    model = VideoTextModel(AlignConfig(**meta["model_config"]))
+    if "audio" in meta["model_config"]:                          # the audio-visual model (train --set audio=true)
+        model = AudioVisualModel(AudioVisualConfig(**meta["model_config"]))
+    else:
+        model = VideoTextModel(AlignConfig(**meta["model_config"]))
     model.load_state_dict(consolidate(ckpt))
     return model.eval(), meta
 
@@ -146,12 +150,35 @@ def _check_kind(ckpt, kind, task, accepts):
                                   f"file exported from one / released as load_official kind 'stage2')")
 
 
+# retrieval --modality -> (the caption key of the queries, the matching head of the ITM re-rank); audio ones need the
+# audio-visual model (train.py --stage 2 --set audio=true)
+MODALITIES = {"video": ("caption", "itm_head"), "audio": ("audio_caption", "atm_head"),
+              "audio-video": ("av_caption", "avtm_head")}
+
+
+def check_modality(model, modality, itm):
+    """A clear error when the model cannot do `modality` (no audio tower, or no matching head for ITM)."""
+    if modality == "video":
+        return
+    if getattr(model, "audio_encoder", None) is None:
+        raise CheckpointKindError(f"--modality {modality} needs an audio-visual stage-2 model (train.py --stage 2 "
+                                  f"--set audio=true); this one has no audio tower")
+    if modality == "audio-video" and model.av_fusion is None:
+        raise CheckpointKindError("--modality audio-video needs av_fusion, built only when AVTC or AVTM was trained")
+    head = MODALITIES[modality][1]
+    if itm and getattr(model, head) is None:
+        raise CheckpointKindError(f"this model has no {head} (its {head[:-5].upper()} loss weight was 0 in training): "
+                                  f"pass --no-itm for ITC only")
+
+
 @torch.no_grad()
-def encode_videos(model, records, root, *, num_frames, size, batch_size=16, progress=False):
-    """Each record's video -> (tokens (Nv, 1+N, C), features (Nv, E) normalised, kept indices, failed
-    [(path, reason)]). Videos that fail to decode are left out and listed (the caller decides what that means)."""
+def encode_videos(model, records, root, *, num_frames, size, batch_size=16, progress=False, modality="video"):
+    """Each record's video (modality "video"), audio track ("audio") or both ("audio-video": the AVTC feature and
+    the audio+video memory) -> (tokens (Nv, Nm, W): what the fusion layers cross-attend to, features (Nv, E)
+    normalised, kept indices, failed [(path, reason)]). Videos that fail to decode are left out and listed (the
+    caller decides what that means); a video without sound is its silence (has_audio False)."""
     data = VideoDataset(records, root, num_frames=num_frames, size=size, transform="test", sample="middle",
-                        flip=False)
+                        flip=False, audio=modality != "video")
     samples, kept, failed = [], [], []
     for i in range(len(records)):
         try:
@@ -161,9 +188,19 @@ def encode_videos(model, records, root, *, num_frames, size, batch_size=16, prog
             failed.append((records[i].path, e.reason))
     tokens, feats = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="videos", unit="batch", disable=not progress):
-        tok, pooled = model.encode_vision(collate(samples[start:start + batch_size])["video"])
+        batch = collate(samples[start:start + batch_size])
+        if modality != "audio":
+            tok, pooled = model.encode_vision(batch["video"])
+            feat = model.vision_proj(pooled)
+        if modality != "video":
+            audio_tok, audio_pooled = model.encode_audio(batch["audio"])
+            audio_feat = model.audio_proj(audio_pooled)
+            if modality == "audio":
+                tok, feat = audio_tok, audio_feat
+            else:                                                # the training memory order: audio, then video
+                tok, feat = torch.cat([audio_tok, tok], dim=1), model.av_feature(audio_feat, feat)
         tokens.append(tok)
-        feats.append(F.normalize(model.vision_proj(pooled), dim=-1))
+        feats.append(F.normalize(feat, dim=-1))
     if not samples:
         return None, None, kept, failed
     return torch.cat(tokens), torch.cat(feats), kept, failed
@@ -182,13 +219,14 @@ def encode_texts(model, texts, tokenizer, max_txt_l, batch_size=64, progress=Fal
     return torch.cat(tokens), atts, torch.cat(feats)
 
 
-def itm_scorer(model, text_tokens, text_atts, vision_tokens):
-    """-> score(text_idx (n,), video_idx (n,)) -> (n,): itm_head's positive logit on the fusion layers' [CLS]."""
+def itm_scorer(model, text_tokens, text_atts, vision_tokens, head="itm_head"):
+    """-> score(text_idx (n,), video_idx (n,)) -> (n,): the matching head's positive logit on the fusion layers'
+    [CLS] (itm_head; atm_head / avtm_head with audio / audio+video memories)."""
     @torch.no_grad()
     def score(t, v):
         out = model.text_encoder.bert(encoder_embeds=text_tokens[t], attention_mask=text_atts[t],
                                       encoder_hidden_states=vision_tokens[v], mode="fusion")
-        return model.itm_head(out.last_hidden_state[:, 0])[:, 1]
+        return getattr(model, head)(out.last_hidden_state[:, 0])[:, 1]
     return score
 
 
@@ -221,10 +259,15 @@ def score_sets(itc, itm_t2v=None, itm_v2t=None):
 
 def best_ranks(scores, truths):
     """scores (Nq, Nc); truths: per query its ground-truth candidates -> (Nq,) the rank (0 = first) of the best
-    ranked one: candidates scoring at least as high, less itself (ties count against the query)."""
+    ranked one: the other candidates scoring at least as high (ties with them count against the query; ties
+    among ground truths do not)."""
     scores = torch.as_tensor(scores)
-    return torch.tensor([min(int((scores[q] >= scores[q, c]).sum()) - 1 for c in cands)
-                         for q, cands in enumerate(truths)])
+    ranks = []
+    for q, cands in enumerate(truths):
+        others = torch.ones(scores.shape[1], dtype=torch.bool)
+        others[cands] = False
+        ranks.append(int((scores[q][others] >= scores[q, cands].max()).sum()))
+    return torch.tensor(ranks)
 
 
 def recall_metrics(t2v_ranks, v2t_ranks):
@@ -238,17 +281,39 @@ def recall_metrics(t2v_ranks, v2t_ranks):
     return out
 
 
-def retrieval_metrics(sets, owner, subsets=None):
+def ground_truths(owner, texts=None):
+    """-> (videos of each caption, captions of each video). owner (Nt,): the video each caption belongs to; with
+    texts (Nt,) every video holding an identical text is a ground truth too (the official has_multi_vision_gt,
+    for captions that repeat, e.g. "three high beeps")."""
+    owner = [int(v) for v in owner]
+    Nv = max(owner) + 1 if owner else 0
+    if texts is None:
+        videos_of = [[v] for v in owner]
+    else:
+        by_text = {}
+        for t, v in zip(texts, owner):
+            by_text.setdefault(t, set()).add(v)
+        videos_of = [sorted(by_text[t]) for t in texts]
+    captions_of = [[] for _ in range(Nv)]
+    for c, vs in enumerate(videos_of):
+        for v in vs:
+            captions_of[v].append(c)
+    return videos_of, captions_of
+
+
+def retrieval_metrics(sets, owner, subsets=None, texts=None):
     """sets: score_sets(...); owner (Nt,) the video of each caption; subsets {name: bool (Nv,)} of videos also
-    reported alone (their captions for t2v, the videos for v2t, ranked among all candidates)
+    reported alone (their captions for t2v, the videos for v2t, ranked among all candidates); texts: the caption
+    texts, to count every video with the same text as a ground truth (ground_truths)
     -> (metrics {set: {"all": {...}, subset: {...}}}, ranks {set: {"t2v": [...], "v2t": [...]}})."""
     owner = torch.as_tensor(owner)
     Nv = sets["sim"][0].shape[1]
-    captions_of = [torch.nonzero(owner == v).flatten().tolist() for v in range(Nv)]
+    videos_of, captions_of = ground_truths(owner.tolist(), texts)
+    captions_of += [[] for _ in range(Nv - len(captions_of))]
     groups = {"all": torch.ones(Nv, dtype=torch.bool)} | {n: torch.as_tensor(m) for n, m in (subsets or {}).items()}
     metrics, ranks = {}, {}
     for name, (t2v, v2t) in sets.items():
-        rt = best_ranks(t2v, [[int(v)] for v in owner])
+        rt = best_ranks(t2v, videos_of)
         rv = best_ranks(v2t, captions_of)
         metrics[name] = {g: recall_metrics(rt[keep[owner]], rv[keep]) for g, keep in groups.items()}
         ranks[name] = {"t2v": rt.tolist(), "v2t": rv.tolist()}
@@ -263,12 +328,14 @@ def refuse_missing(failed, what):
 
 
 def retrieval_eval(model, records, root, tokenizer, *, num_frames=4, size=None, max_txt_l=32, k=128, itm=True,
-                   batch_size=16, subsets=None, progress=False):
+                   batch_size=16, subsets=None, progress=False, modality="video", same_text_gt=False):
     """Records with caption_list -> (result {protocol facts, metrics, ranks}, matrices {name: (Nt, Nv) array}).
-    subsets: {name: set of video paths}. Refuses (DataError) if any video cannot be decoded."""
+    subsets: {name: set of video paths}; modality: see MODALITIES; same_text_gt: videos with an identical caption
+    are all ground truths (ground_truths). Refuses (DataError) if any video cannot be decoded."""
+    check_modality(model, modality, itm)
     size = size or model.cfg.vision.img_size
     vis_tokens, vis, _, failed = encode_videos(model, records, root, num_frames=num_frames, size=size,
-                                               batch_size=batch_size, progress=progress)
+                                               batch_size=batch_size, progress=progress, modality=modality)
     refuse_missing(failed, f"of the {len(records)} videos")
     captions, owner = [], []
     for v, rec in enumerate(records):
@@ -278,12 +345,16 @@ def retrieval_eval(model, records, root, tokenizer, *, num_frames=4, size=None, 
     itc = (txt @ vis.T).double()                                             # (Nt, Nv) cosines, temperature 1
     matrices = {"itc": itc}
     if itm:
-        t2v, v2t = rerank(itc, k, itm_scorer(model, txt_tokens, atts, vis_tokens), progress=progress)
+        t2v, v2t = rerank(itc, k, itm_scorer(model, txt_tokens, atts, vis_tokens, MODALITIES[modality][1]),
+                          progress=progress)
         matrices |= {"itm_t2v": t2v, "itm_v2t": v2t.T}                       # both (Nt, Nv)
     sets = score_sets(itc, matrices.get("itm_t2v"), matrices["itm_v2t"].T if itm else None)
     masks = {n: [rec.path in paths for rec in records] for n, paths in (subsets or {}).items()}
-    metrics, ranks = retrieval_metrics(sets, owner, masks)
-    result = {"videos": len(records), "captions": len(captions), "chance_r1": 100.0 / len(records),
+    texts = captions if same_text_gt else None
+    metrics, ranks = retrieval_metrics(sets, owner, masks, texts)
+    videos_of, _ = ground_truths(owner, texts)
+    result = {"modality": modality, "same_text_gt": same_text_gt, "videos": len(records), "captions": len(captions),
+              "chance_r1": 100.0 * sum(len(v) for v in videos_of) / len(videos_of) / len(records),
               "headline": {"set": "match" if itm else "sim", "metric": "t2v_r1",
                            "value": metrics["match" if itm else "sim"]["all"]["t2v_r1"]},
               "metrics": metrics, "ranks": ranks, "caption_video": owner,

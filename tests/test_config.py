@@ -44,6 +44,14 @@ def test_stage2_recipe_carries_the_official_numbers():
     tiny = train_config(2)
     assert (tiny.out, tiny.task.fusion_layer, tiny.task.text_pool, tiny.task.vision_init) == \
         ("runs/stage2", 4, "mean", "auto")
+    assert (tiny.base_lr, tiny.task.mask_ratio_video, tiny.task.mask_ratio_image) == (5e-4, 0.5, 0.5)
+    audio = train_config(2, audio="true")
+    assert (audio.out, audio.task.loss_atc, audio.task.loss_avtc, audio.task.loss_avc) == \
+        ("runs/stage2_audio", 1.0, 1.0, 0.0)                       # its own folder; ATC on for tiny (official 0)
+    assert train_config(2, audio="true", out="runs/x").out == "runs/x"
+    assert audio.task.captions_of_losses()["avtc"] == "av_caption"
+    with pytest.raises(ValueError, match="loss-caption=.*avx"):
+        train_config(2, loss_caption="vtc=caption,avx=av_caption")
     with pytest.raises(ValueError, match="--task.phase='frozen' must be masked or unmasked"):
         train_config(2, phase="frozen")
 

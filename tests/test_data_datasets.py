@@ -155,6 +155,27 @@ def test_dataset_samples_are_deterministic_and_shaped(clip_dir, seed):
     assert batch["video"].shape == (3, 3, 4, 16, 16) and batch["label"].tolist() == [0, 1, 2]
 
 
+def test_audio_of_videos_silent_clips_flagged_images_without(clip_dir, world, seed):
+    """audio=True: a video with sound gives its features and has_audio=True; a video without an audio stream
+    gives the features of silence as long as the clip and has_audio=False (not a skip); an image gets no audio."""
+    from ivmini.data.audio import audio_features, read_audio
+    from ivmini.data.datasets import Record
+    recs = [Record(os.path.join(world, "videos/000000.mp4"), caption_list=["x"]), Record("v1.mp4", caption_list=["y"]),
+            Record(os.path.join(world, "images/000000.png"), media="image", caption_list=["z"])]
+    ds = VideoDataset(recs, str(clip_dir), num_frames=4, size=16, transform="test", sample="middle", audio=True,
+                      seed=seed)
+    sound, silent, image = ds[0], ds[1], ds[2]
+    assert sound["has_audio"] is True and silent["has_audio"] is False
+    assert torch.equal(sound["audio"], audio_features(read_audio(recs[0].path)))
+    assert sound["skipped"] == [] and silent["skipped"] == []
+    seconds = 16 / 8                                                   # write_clip: 16 frames at 8 fps
+    assert torch.equal(silent["audio"], audio_features(torch.zeros(round(seconds * 16000))))
+    assert not torch.equal(silent["audio"], sound["audio"])
+    assert "audio" not in image and "has_audio" not in image
+    batch = collate([sound, silent])
+    assert batch["audio"].shape == (2, 998, 64) and batch["has_audio"].tolist() == [True, False]
+
+
 def test_broken_files_are_skipped_with_their_reasons(clip_dir, seed):
     from ivmini.data.datasets import DataError, Record
     img, not_videos = video_tests.not_videos(clip_dir, seed)

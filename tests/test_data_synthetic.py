@@ -204,7 +204,8 @@ def test_every_annotation_parses_and_points_at_a_video(world):
             assert ("then" in r["caption"]) == (len(m["phases"]) == 2)
             assert r["av_caption"].startswith(r["caption"]) and r["audio_caption"] in r["av_caption"]
             assert (S.NUMBERS[m["sound"]["beeps"]] in r["audio_caption"]) == (m["sound"]["kind"] == "beeps")
-        assert load(world, f"retrieval_{split}.json") == [{"video": v, "caption": r["caption"]} for v, r in zip(videos, stage2)]
+        assert load(world, f"retrieval_{split}.json") == [
+            {"video": v, **{k: r[k] for k in ("caption", "audio_caption", "av_caption")}} for v, r in zip(videos, stage2)]
         instruct = load(world, f"instruct_{split}.json")
         assert [r["video"] for r in instruct] == videos
         for r, m in zip(instruct, metas):

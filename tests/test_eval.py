@@ -52,6 +52,32 @@ def test_retrieval_metrics_with_two_captions_per_video():
     assert torch.allclose(v2t, itc.double().T * torch.softmax(itc.double().T, dim=0))
 
 
+def test_same_text_ground_truths_and_ties_among_them():
+    """Captions that repeat ("silence") make every video holding that text a ground truth: a query ranks by its best
+    ground truth, ties among ground truths do not count against it, ties with another video do."""
+    texts = ["silence", "two beeps", "silence", "a tone"]        # caption c belongs to video c
+    videos_of, captions_of = evaluate.ground_truths([0, 1, 2, 3], texts)
+    assert videos_of == [[0, 2], [1], [0, 2], [3]] and captions_of == [[0, 2], [1], [0, 2], [3]]
+    itc = torch.tensor([[0.5, 0.3, 0.5, 0.2],     # silence: videos 0 and 2 tie at the top -> rank 0
+                        [0.3, 0.3, 0.0, 0.1],     # two beeps: ties with video 0 -> rank 1
+                        [0.1, 0.0, 0.4, 0.9],     # silence: video 2 behind video 3 only -> rank 1
+                        [0.0, 0.0, 0.0, 0.7]])
+    metrics, ranks = evaluate.retrieval_metrics(evaluate.score_sets(itc), [0, 1, 2, 3], texts=texts)
+    assert ranks["sim"]["t2v"] == [0, 1, 1, 0]
+    # video 1: caption 0 (0.3) ties with its own (0.3) -> 1; video 3: caption 2 (0.9) beats its own (0.7) -> 1
+    assert ranks["sim"]["v2t"] == [0, 1, 0, 1]
+    _, own = evaluate.retrieval_metrics(evaluate.score_sets(itc), [0, 1, 2, 3])
+    assert own["sim"]["t2v"] == [1, 1, 1, 0]      # without: video 2 ties with caption 0's own video
+
+
+def test_audio_modalities_need_the_audio_visual_model(tiny_run):
+    model, _ = evaluate.load_run(str(tiny_run))
+    evaluate.check_modality(model, "video", itm=True)
+    for modality in ("audio", "audio-video"):
+        with pytest.raises(evaluate.CheckpointKindError, match="needs an audio-visual stage-2 model"):
+            evaluate.check_modality(model, modality, itm=False)
+
+
 def test_itm_reranks_only_inside_each_querys_top_k(seed):
     Nt, Nv, k = 7, 5, 2
     itc = torch.randn(Nt, Nv, dtype=torch.float64)
@@ -126,16 +152,16 @@ def tiny_run(tmp_path_factory, world, minilm):
 def test_eval_retrieval_end_to_end(tiny_run, world, minilm, tmp_path):
     """The command prints the protocol line first, writes the JSON and the matrices, whose recomputed metrics
     equal the JSON's; it refuses to overwrite; ITM scores equal the training VTM head's on the same pairs;
-    a missing video makes retrieval refuse, naming it."""
+    a missing video makes retrieval refuse, naming it. --out may be in a folder that does not exist yet."""
     data = os.path.join(world, "annotations", "retrieval_test.json")
-    out = tmp_path / "r.json"
+    out = tmp_path / "new" / "r.json"
     cmd = [sys.executable, "eval.py", "retrieval", "--ckpt", str(tiny_run), "--data", data, f"--data-root={world}",
            "--out", str(out), "--k", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.startswith("retrieval | stage2 ") and "top-3" in proc.stdout.splitlines()[0]
     res = json.loads(out.read_text())
-    mats = {n: np.load(tmp_path / f) for n, f in res["matrices"].items()}
+    mats = {n: np.load(out.parent / f) for n, f in res["matrices"].items()}
     assert mats["itc"].shape == (res["captions"], res["videos"])
     assert ((mats["itm_t2v"] != -100).sum(1) == 3).all()             # each caption: its 3 best videos re-ranked
     sets = evaluate.score_sets(mats["itc"], mats["itm_t2v"], mats["itm_v2t"].T)

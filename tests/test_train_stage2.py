@@ -101,3 +101,56 @@ def test_default_command_runs(tmp_path, minilm):
     log = proc.stdout + proc.stderr
     assert "from scratch" in log or "from the stage-1 checkpoint" in log
     assert len(metrics(tmp_path / "run")) >= 1
+
+
+def test_audio_stage2_on_two_ranks_then_audio_retrieval(tmp_path, world, minilm):
+    """--set audio=true (the README's form) on 2 ranks with DataLoader workers: the audio-visual model trains
+    (VTC/VTM/MLM on the visual caption, AVTC/AVTM/AVMLM on av_caption, ATC on audio_caption: finite, logged),
+    video batches carry audio; eval.py retrieval then works for each modality, with the protocol naming it, and
+    refuses ATM re-ranking that the model has no head for."""
+    out = tmp_path / "av"
+    stage2(out, world, "--set", "audio=true", "--max-steps=3", "--batch-size=4", "--workers=2", nproc=2)
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    for r in m:
+        assert {"vtc", "vtm", "mlm", "avtc", "avtm", "avmlm", "atc", "no_audio"} <= r.keys(), r
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "avtc", "avtm", "avmlm", "atc"))
+    assert any(r["avtc"] > 0 for r in m)                      # at least one audio-video (not image) batch
+    assert all(r["no_audio"] == 0 for r in m)                 # every synthetic clip has a soundtrack
+    data = os.path.join(world, "annotations", "retrieval_test.json")
+    for modality, extra in (("audio-video", ["--k", "3"]), ("audio", ["--no-itm"]), ("video", ["--k", "3"])):
+        res_path = tmp_path / f"{modality}.json"
+        proc = subprocess.run([sys.executable, "eval.py", "retrieval", "--ckpt", str(out), "--data", data,
+                               f"--data-root={world}", "--modality", modality, "--out", str(res_path), *extra],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"| {modality} vs texts" in proc.stdout.splitlines()[0]
+        res = json.loads(res_path.read_text())
+        assert res["modality"] == modality and res["videos"] == len(json.load(open(data)))
+        assert res["same_text_gt"] == (modality == "audio")   # audio captions repeat: every equal text counts
+    refused = subprocess.run([sys.executable, "eval.py", "retrieval", "--ckpt", str(out), "--data", data,
+                              f"--data-root={world}", "--modality", "audio", "--out", str(tmp_path / "x.json")],
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "no atm_head" in refused.stderr and "--no-itm" in refused.stderr
+
+
+def test_audio_model_from_an_official_beats_file(tmp_path, minilm):
+    """--audio-model=beats.pth (official {'cfg', 'model'}): the audio tower is that BEATs, weight for weight; with
+    freeze_audio it gets no gradient and stays in eval mode while the model trains; trained unfrozen, a cfg with
+    attention dropout (which ivmini's BEATs lacks) is refused at build time, naming the option to use."""
+    import pytest
+    from ivmini.config import train_config
+    from ivmini.stages import stage2 as s2
+    golden = torch.load(os.path.join(os.path.dirname(__file__), "golden", "beats_tiny.pt"), weights_only=True)
+    path = tmp_path / "beats.pth"
+    torch.save({"cfg": golden["cfg"], "model": golden["model"]}, path)     # cfg: attention_dropout left at 0.1
+    cfg = train_config(2, audio="true", audio_model=str(path), freeze_audio="true", vision_init="")
+    model, _ = s2.build(cfg, "cpu")
+    ref = load_official("beats", str(path))
+    assert all(torch.equal(a, b) for a, b in zip(model.audio_encoder.state_dict().values(),
+                                                 ref.state_dict().values()))
+    model.train()
+    assert not model.audio_encoder.training and model.vision_encoder.training
+    assert not any(p.requires_grad for p in model.audio_encoder.parameters())
+    with pytest.raises(ValueError, match="freeze_audio=true"):
+        s2.build(train_config(2, audio="true", audio_model=str(path), vision_init=""), "cpu")

@@ -43,17 +43,23 @@ FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # official normalisation of BEATs inp
 NUM_FRAMES = 998  # official fbank length: 10 s of 16 kHz audio
 
 
+class NoAudioStream(DecodeError):
+    """The file opened and is a media file, but has no audio stream: a silent clip, not a broken one
+    (the stage-2 dataset gives it silence and has_audio=False instead of skipping it)."""
+
+
 def read_audio(path, sr: int = 16000, max_seconds: float = 10, rng=None, timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
     """First audio stream of `path` -> float32 (L,) mono at `sr` Hz, at most max_seconds long.
 
     A longer stream gives a window of max_seconds: at a uniformly random start if rng
-    (numpy.random.Generator) is given, else at 0. No padding. DecodeError if there is no
-    decodable audio, or after `timeout` seconds (None: no limit).
+    (numpy.random.Generator) is given, else at 0. No padding. NoAudioStream (a DecodeError) if the
+    file has no audio stream, DecodeError if its audio cannot be decoded, or after `timeout` seconds
+    (None: no limit).
     """
     deadline = Deadline(path, timeout)
     with open_media(path) as container:
         if not container.streams.audio:
-            raise DecodeError(path, "no audio stream")
+            raise NoAudioStream(path, "no audio stream")
         stream = container.streams.audio[0]
         # layout=None keeps the channels; we average them ourselves (swresample's downmix is not a mean).
         resampler = av.AudioResampler(format="fltp", layout=None, rate=sr)

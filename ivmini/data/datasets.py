@@ -41,9 +41,9 @@ from typing import Optional
 
 import torch
 
-from .audio import audio_features, read_audio
+from .audio import NoAudioStream, audio_features, read_audio
 from .transforms import get_transform, make_rng
-from .video import DEFAULT_TIMEOUT, DecodeError, read_frames, read_image
+from .video import DEFAULT_TIMEOUT, DecodeError, read_frames, read_image, video_info
 
 log = logging.getLogger("ivmini.data")
 DATA_HINT = "pass the list with --data and the videos' folder with --data-root"
@@ -172,12 +172,13 @@ def read_stage2_json(path):
     return _some(path, records)
 
 
-def read_eval_json(path):
+def read_eval_json(path, caption_key="caption"):
+    """caption_key: which caption of each entry is the query (audio_caption, av_caption, ... for audio retrieval)."""
     records = []
     for i, item in enumerate(_load_json_list(path)):
-        if "video" not in item or "caption" not in item:
-            _fail(path, i, f"entry needs 'video' and 'caption': {item}")
-        caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+        if "video" not in item or caption_key not in item:
+            _fail(path, i, f"entry needs 'video' and {caption_key!r}: {item}")
+        caps = item[caption_key] if isinstance(item[caption_key], list) else [item[caption_key]]
         records.append(Record(item["video"], caption_list=[pre_text(c) for c in caps]))
     return _some(path, records)
 
@@ -216,8 +217,8 @@ READERS = {"stage1": read_stage1_list, "stage2": read_stage2_json, "eval": read_
 # ---------------------------------------------------------------------------------------------
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Records -> samples {"video": float32 (3, T, size, size), "audio": (998, 64) if audio,
-    "label", "caption"/"captions", "qa", "index", "path", "skipped"}.
+    """Records -> samples {"video": float32 (3, T, size, size), with audio=True for videos "audio" (998, 64)
+    and "has_audio" (False: the video has no audio stream, "audio" is silence), "label", "caption"/"captions", "qa", "index", "path", "skipped"}.
 
     transform: "stage1" | "stage2" | "test" (see transforms.py); sample: "rand" | "middle";
     flip=False turns horizontal flips off for every record (e.g. the synthetic world's stage-2 JSON).
@@ -256,9 +257,8 @@ class VideoDataset(torch.utils.data.Dataset):
         flip = self.flip and rec.source.lower() not in NO_FLIP_SOURCES
         out = {"video": self.transform(frames, self.size, rng, flip=flip), "label": rec.label, "index": index,
                "path": rec.path}
-        if self.audio:
-            wave = read_audio(path, max_seconds=self.max_audio_seconds, rng=rng, timeout=self.timeout)
-            out["audio"] = audio_features(wave)                                              # (998, 64)
+        if self.audio and rec.media == "video":                     # images carry no sound: no audio keys
+            out["audio"], out["has_audio"] = self.load_audio(path, rng)                  # (998, 64), bool
         if rec.captions:
             out["captions"] = dict(rec.captions)
         if rec.caption_list:
@@ -268,6 +268,18 @@ class VideoDataset(torch.utils.data.Dataset):
         if rec.qa:
             out["qa"] = rec.qa
         return out
+
+    def load_audio(self, path, rng):
+        """-> (features (998, 64), has_audio). A video without an audio stream gets the features of silence
+        as long as the video (at most max_audio_seconds) and has_audio=False: counted by the training loop,
+        not an error (the official loader crashes there). A broken audio stream is a DecodeError like a
+        broken video (the sample is skipped)."""
+        try:
+            wave = read_audio(path, max_seconds=self.max_audio_seconds, rng=rng, timeout=self.timeout)
+            return audio_features(wave), True
+        except NoAudioStream:
+            seconds = min(video_info(path, timeout=self.timeout)["duration"], self.max_audio_seconds)
+            return audio_features(torch.zeros(round(seconds * 16000))), False
 
     def __getitem__(self, index):
         """Sample `index`, or the next decodable one of the same media type after it (a batch of images

@@ -29,7 +29,8 @@ Layout under DIR (annotation paths are relative to DIR); COMPLETE is written las
     annotations/stage1_<split>.txt     "synthetic videos/<id>.mp4 2 -1 -1 <label>" (single_modality list)
     annotations/stage2_<split>.json    [{"video", "caption", "audio_caption", "av_caption"}, ...] (every clip),
                                        then [{"image", "caption": image_caption}, ...] (every clip's still)
-    annotations/retrieval_<split>.json [{"video", "caption"}]  (VINDLU eval format)
+    annotations/retrieval_<split>.json [{"video", "caption", "audio_caption", "av_caption"}]  (VINDLU eval format;
+                                       eval.py retrieval --modality picks the caption key)
     annotations/classify_<split>.csv   "videos/<id>.mp4,<label>"  (Kinetics csv, no header)
     annotations/instruct_<split>.json  [{"video", "QA": [{"i", "q", "a", "options", "answer_idx", "type"}]}]
     annotations/meta_<split>.json      all attributes, per-frame centre/scale/angle of each shape, the sound
@@ -53,7 +54,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("ivmini.data")
 
-VERSION = 2                     # bump when the world changes: it is part of the cache directory name
+VERSION = 3                     # bump when the world changes: it is part of the cache directory name
 DEFAULT_N = 400                 # enough for a CPU smoke run of every stage, ~10 s to generate
 FPS, SECONDS, SR = 8, 2, 16000
 T = FPS * SECONDS               # 16 frames
@@ -376,7 +377,7 @@ def write_annotations(root, records):
         stills = [{"image": r["image"], "caption": r["image_caption"]} for r in rs]
         _dump(os.path.join(ann, f"stage2_{split}.json"), keep("video", "caption", "audio_caption", "av_caption")
               + stills)
-        _dump(os.path.join(ann, f"retrieval_{split}.json"), keep("video", "caption"))
+        _dump(os.path.join(ann, f"retrieval_{split}.json"), keep("video", "caption", "audio_caption", "av_caption"))
         _dump(os.path.join(ann, f"instruct_{split}.json"), keep("video", "QA"))
         _dump(os.path.join(ann, f"meta_{split}.json"), [{k: v for k, v in r.items() if k != "QA"} for r in rs])
 
