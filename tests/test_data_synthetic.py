@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ivmini.data import synthetic as S
+from ivmini.data import synthetic_media as M
 from ivmini.data.video import read_image
 
 N, SIZE = 40, 64            # 40 clips: every held-out combination reaches val/test; ~1 s to generate
@@ -41,7 +42,7 @@ def decode(path):
     with av.open(str(path)) as c:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     with av.open(str(path)) as c:
-        assert (c.streams.audio[0].rate, c.streams.audio[0].channels) == (S.SR, 1)
+        assert (c.streams.audio[0].rate, c.streams.audio[0].channels) == (M.SR, 1)
         audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
     return frames, audio
 
@@ -72,7 +73,7 @@ def alpha(img, bg, rgb):
 
 def motion_of(cents, areas, alphas, k, n_phases):
     """Read phase k's motion from the pixels alone: centroid shift, area change, or shape change."""
-    t0, t1 = int(np.ceil(k * (S.T - 1) / n_phases)), int((k + 1) * (S.T - 1) // n_phases)
+    t0, t1 = int(np.ceil(k * (M.T - 1) / n_phases)), int((k + 1) * (M.T - 1) // n_phases)
     dx, dy = cents[t1] - cents[t0]
     if np.hypot(dx, dy) > 0.15 * SIZE:                      # a phase moves by 0.3 of the frame
         return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
@@ -85,8 +86,8 @@ def motion_of(cents, areas, alphas, k, n_phases):
 def recover(root, m):
     """Decode one clip and measure it -> (per object: centroids, colour, phases, max centre error), audio."""
     frames, audio = decode(root / m["video"])
-    assert frames.shape == (S.T, SIZE, SIZE, 3)
-    frames, bg = frames.astype(np.float64), S.background(m["background_seed"], SIZE)
+    assert frames.shape == (M.T, SIZE, SIZE, 3)
+    frames, bg = frames.astype(np.float64), M.background(m["background_seed"], SIZE)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     objects = []
     for o in m["objects"]:
@@ -109,7 +110,7 @@ def recover(root, m):
 def beeps_in(x):
     """Onsets (s) of the bursts in x: 10 ms mean |x| above 0.1."""
     env = np.convolve(np.abs(x), np.ones(160) / 160, "same") > 0.1
-    return np.flatnonzero(np.diff(env.astype(int)) == 1) / S.SR
+    return np.flatnonzero(np.diff(env.astype(int)) == 1) / M.SR
 
 
 def test_round_trip_pixels_and_sound(world):
@@ -123,15 +124,15 @@ def test_round_trip_pixels_and_sound(world):
             assert got["colour"] == o["colour"], (m["id"], got)
             assert got["phases"] == m["phases"], (m["id"], m["caption"], got)
         snd = m["sound"]
-        assert len(audio) >= S.SR * S.SECONDS                      # AAC adds a tail: trim to the length
-        x = audio[:S.SR * S.SECONDS]
+        assert len(audio) >= M.SR * S.SECONDS                      # AAC adds a tail: trim to the length
+        x = audio[:M.SR * S.SECONDS]
         power = np.abs(np.fft.rfft(x)) ** 2
         if snd["kind"] == "silence":
             assert np.abs(x).max() < 1e-3
         elif snd["kind"] == "noise":
             assert 0.05 < x.std() < 0.2 and power.max() < 0.01 * power.sum()     # broadband
         else:
-            assert abs(np.argmax(power) * S.SR / len(x) - snd["pitch_hz"]) < 5
+            assert abs(np.argmax(power) * M.SR / len(x) - snd["pitch_hz"]) < 5
             assert snd["pitch"] == ("low" if m["objects"][0]["size"] == "large" else "high")
         if snd["kind"] == "beeps":
             onsets = beeps_in(x)

@@ -12,7 +12,7 @@ import zlib
 import av
 import numpy as np
 
-from .synthetic import T
+from .synthetic_media import T
 
 
 def write_png(path, img):
