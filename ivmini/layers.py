@@ -136,10 +136,16 @@ class RotaryEmbedding(nn.Module):
             self.cos, self.sin = angle.cos().to(dtype), angle.sin().to(dtype)
         return self.cos, self.sin
 
-    def forward(self, x, offset=0):
+    def forward(self, x, offset=0, positions=None):
+        """positions (B, N) long, optional: each token's own position (left-padded batches start each
+        sample at 0), used instead of offset .. offset+N-1; every value must be < offset + N (true for
+        positions counted from an attention mask), so the table size needs no device sync."""
         N = x.shape[-2]
         cos, sin = self.tables(offset + N, x.device, x.dtype)
-        cos, sin = cos[offset:offset + N], sin[offset:offset + N]    # (N, d)
+        if positions is None:
+            cos, sin = cos[offset:offset + N], sin[offset:offset + N]    # (N, d)
+        else:
+            cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, N, d): broadcast over heads
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin         # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
 
@@ -177,13 +183,19 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta is not None else None
         self.proj = nn.Linear(dim, out_dim or dim, bias=proj_bias)
 
-    def forward(self, x, context=None, key_padding_mask=None, *, bias=None, offset=0):
+    def forward(self, x, context=None, key_padding_mask=None, *, bias=None, offset=0, positions=None,
+                kv_cache=None):
         """x (B, N, dim) -> (B, N, out_dim).
 
         context (B, Nk, kv_dim): what a cross-attention attends to. key_padding_mask (B, Nk) bool, True =
         attend. bias: added to the scaled scores; a tensor broadcastable to (B, H, N, Nk), or a function of
         the projected queries q (B, H, N, d) (before RoPE) returning one, for a bias gated by the queries.
         offset: position of x's first token, for RoPE (a KV cache passes the number of cached tokens).
+        positions (B, N): per-token RoPE positions instead (see RotaryEmbedding.forward).
+        kv_cache: an object whose update(k, v) stores this call's keys and values (B, Hkv, N, d), after
+        RoPE, behind the earlier ones and returns all of them (B, Hkv, Nk, d); with causal=True the
+        bottom-right causal mask then lets the N new queries see every cached key and the new keys up to
+        their own (key_padding_mask covers all Nk keys).
         """
         if (context is None) != (self.kv_dim is None):
             raise ValueError("a cross-attention (kv_dim) needs context; a self-attention takes none")
@@ -203,7 +215,9 @@ class Attention(nn.Module):
         if callable(bias):
             bias = bias(q)
         if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
+            q, k = self.rope(q, offset, positions), self.rope(k, offset, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)                                     # (B, Hkv, Nk, d): cached + new
         o = kernels.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))                # (B, N, out_dim)
 
@@ -260,7 +274,7 @@ class Block(nn.Module):
         """x (B, N, dim) -> (B, N, dim).
 
         context (B, Nc, cross_dim) and context_mask (B, Nc) bool (True = attend) feed the cross-attention.
-        attn_kw go to the self-attention as given (key_padding_mask (B, N), bias, offset: see
+        attn_kw go to the self-attention as given (key_padding_mask (B, N), bias, offset, positions, kv_cache: see
         Attention.forward); passing only what was given keeps `attn` replaceable by an attention module
         whose forward takes fewer arguments.
         """

@@ -27,6 +27,11 @@ load_official kinds (the official class each reproduces, key for key):
                        embed_dim=, temp=, mlp_act= (stage2.py: load_stage2)
     "beats"            BEATs (InternVideo2 backbones/beats): a {'cfg', 'model'} file, or a state dict with
                        BEATsConfig fields as keywords (beats.py: load_beats)
+    "chat_qformer"     the InternVideo2-Chat-8B bridge (query_tokens, extra_query_tokens, vision_layernorm.*,
+                       qformer.bert.*), keywords num_query_token=, extra_num_query_token=, vision_width=, BertConfig's
+                       (chat.py: load_chat_qformer)
+    "llm"              HF Llama/Mistral (LlamaForCausalLM keys): a directory (config.json + model.safetensors or
+                       shards + index), or a file / state dict with config= (llm.py: load_llm)
 The keyword arguments are the official constructor's, with the official defaults; an unknown one is
 an error. ivmini adds `mlp_act` ("gelu_tanh" | "gelu"; default: tanh when use_fused_mlp, which is the
 official default and what the released weights were trained with) and `orig_t_size` (frames of the
@@ -51,6 +56,8 @@ from .internvideo2 import (OFFICIAL_KWARGS, export, load_vision, official_config
 from .state_dicts import check_keys, read_state_dict, select_prefix
 from .text import bert_from_official, bert_to_official, load_bert_mlm, load_hf_bert, minilm_path
 from .beats import beats_from_official, load_beats
+from .llm import llm_config_from_hf, llm_from_hf, llm_to_hf, load_llm, save_hf
+from .chat import chat_qformer_from_official, chat_qformer_to_official, load_chat_qformer
 from .stage2 import init_vision_from_stage1, load_stage2, stage2_from_official, stage2_kwargs, stage2_to_official
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
                        inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
@@ -60,6 +67,8 @@ LOADERS = {kind: (lambda src, _kind=kind, **kw: load_vision(_kind, src, **kw)) f
 LOADERS["bert_mlm"] = load_bert_mlm
 LOADERS["stage2"] = load_stage2
 LOADERS["beats"] = load_beats
+LOADERS["llm"] = load_llm
+LOADERS["chat_qformer"] = load_chat_qformer
 
 
 def load_official(kind, state_dict_or_path, **kwargs):
@@ -76,4 +85,6 @@ __all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_
            "inflate_patch_weight", "load_internvl_c", "load_videomae_v2", "load_openai_clip_visual",
            "build_teachers", "sinusoid_table", "bert_from_official", "bert_to_official", "load_bert_mlm",
            "load_hf_bert", "minilm_path", "load_stage2", "stage2_from_official", "stage2_to_official",
-           "stage2_kwargs", "init_vision_from_stage1", "load_beats", "beats_from_official"]
+           "stage2_kwargs", "init_vision_from_stage1", "load_beats", "beats_from_official",
+           "load_llm", "llm_config_from_hf", "llm_from_hf", "llm_to_hf", "save_hf",
+           "load_chat_qformer", "chat_qformer_from_official", "chat_qformer_to_official"]

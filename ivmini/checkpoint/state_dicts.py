@@ -71,6 +71,18 @@ def _log_left_out(sd, prefix):
                  ", ".join(f"{label} ({n})" for label, n in sorted(others.items())))
 
 
+def key_problems(expected, sd, against="model"):
+    """expected {key: shape}, sd {key: tensor} -> "" when they agree, else every missing, unexpected and
+    mis-shaped key, named (the first 20 of each kind), for the caller's error message."""
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    shapes = sorted(f"{k}: checkpoint {tuple(v.shape)} vs {against} {tuple(expected[k])}"
+                    for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k]))
+    return "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shape mismatches", shapes)) if keys)
+
+
 def check_keys(module, sd, ignore=()):
     """Fail on any missing, unexpected or mis-shaped key of `sd` for `module`, naming all of them.
     Keys matching a pattern in `ignore` are dropped from `sd` and may be missing.
@@ -79,16 +91,10 @@ def check_keys(module, sd, ignore=()):
     hit = lambda k: any(fnmatch.fnmatchcase(k, p) for p in ignore)  # noqa: E731
     own = module.state_dict()
     sd = {k: v for k, v in sd.items() if not hit(k)}
-    missing = sorted(k for k in own if k not in sd and not hit(k))
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in sd.items() if k in own and v.shape != own[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if keys]
-        raise KeyError(f"checkpoint does not match {type(module).__name__}: " + "; ".join(parts)
-                       + ". Pass ignore=[...] for keys you mean to drop.")
+    problems = key_problems({k: v.shape for k, v in own.items() if not hit(k)}, sd)
+    if problems:
+        raise KeyError(f"checkpoint does not match {type(module).__name__}: {problems}. "
+                       f"Pass ignore=[...] for keys you mean to drop.")
     return sd, sorted(k for k in own if k not in sd)
 
 
