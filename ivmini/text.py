@@ -368,11 +368,11 @@ class WordPieceTokenizer:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "truncated": torch.tensor(truncated)}
 
 
-def split_special(text):
-    """[text, special, text, special, ..., text]: the special tokens written literally in the text."""
+def split_special(text, specials=SPECIAL_TOKENS):
+    """[text, special, text, special, ..., text]: the special tokens (`specials`) written literally in the text."""
     chunks, start, i = [], 0, 0
     while i < len(text):
-        hit = next((t for t in SPECIAL_TOKENS if text.startswith(t, i)), None)
+        hit = next((t for t in specials if text.startswith(t, i)), None)
         if hit:
             chunks += [text[start:i], hit]
             i = start = i + len(hit)

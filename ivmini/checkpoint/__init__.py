@@ -30,6 +30,9 @@ load_official kinds (the official class each reproduces, key for key):
     "chat_qformer"     the InternVideo2-Chat-8B bridge (query_tokens, extra_query_tokens, vision_layernorm.*,
                        qformer.bert.*), keywords num_query_token=, extra_num_query_token=, vision_width=, BertConfig's
                        (chat.py: load_chat_qformer)
+    "clip"             InternVideo2-CLIP (vision_encoder.*, text_encoder.transformer.* the LLaMA text tower with
+                       peft LoRA names, text_encoder.text_projection, temp), keywords vision= (clip_vision's),
+                       text= (an LLMConfig, preset or HF config dict) (clip.py: load_clip)
     "llm"              HF Llama/Mistral (LlamaForCausalLM keys): a directory (config.json + model.safetensors or
                        shards + index), or a file / state dict with config= (llm.py: load_llm)
 The keyword arguments are the official constructor's, with the official defaults; an unknown one is
@@ -58,6 +61,7 @@ from .text import bert_from_official, bert_to_official, load_bert_mlm, load_hf_b
 from .beats import beats_from_official, load_beats
 from .llm import llm_config_from_hf, llm_from_hf, llm_to_hf, load_llm, save_hf
 from .chat import chat_qformer_from_official, chat_qformer_to_official, load_chat_qformer
+from .clip import clip_from_official, clip_to_official, load_clip
 from .stage2 import init_vision_from_stage1, load_stage2, stage2_from_official, stage2_kwargs, stage2_to_official
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
                        inflate_patch_weight, load_internvl_c, load_openai_clip_visual, load_videomae_v2)
@@ -69,6 +73,7 @@ LOADERS["stage2"] = load_stage2
 LOADERS["beats"] = load_beats
 LOADERS["llm"] = load_llm
 LOADERS["chat_qformer"] = load_chat_qformer
+LOADERS["clip"] = load_clip
 
 
 def load_official(kind, state_dict_or_path, **kwargs):
@@ -87,4 +92,5 @@ __all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_
            "load_hf_bert", "minilm_path", "load_stage2", "stage2_from_official", "stage2_to_official",
            "stage2_kwargs", "init_vision_from_stage1", "load_beats", "beats_from_official",
            "load_llm", "llm_config_from_hf", "llm_from_hf", "llm_to_hf", "save_hf",
-           "load_chat_qformer", "chat_qformer_from_official", "chat_qformer_to_official"]
+           "load_chat_qformer", "chat_qformer_from_official", "chat_qformer_to_official",
+           "load_clip", "clip_from_official", "clip_to_official"]
