@@ -150,6 +150,7 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.release()
+        dist.close()                                      # after a normal end shutdown() already did it
 
 
 def train(cfg, stage, rank, world, device, lock):

@@ -93,6 +93,14 @@ def shutdown():
         dist.destroy_process_group()
 
 
+def close():
+    """Tear this process's group down without waiting for the others (a run ending on an error). A gloo group
+    still alive at interpreter exit was seen to abort the process ("terminate called without an active
+    exception", exit -6) instead of letting it exit with its code."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def rank_zero_first():
     """Rank 0 runs the block first (e.g. generates or downloads data), then the other ranks."""
