@@ -150,7 +150,7 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.release()
-        dist.close()                                      # after a normal end shutdown() already did it
+        dist.shutdown(wait=False)                         # after a normal end train() already left the group
 
 
 def train(cfg, stage, rank, world, device, lock):

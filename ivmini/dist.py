@@ -1,6 +1,4 @@
-"""Everything distributed: the process group, FSDP2 wrapping, cross-rank agreement, faults and stops,
-checkpoints.
-
+"""Everything distributed: the process group, FSDP2 wrapping, cross-rank agreement, faults and stops, checkpoints.
 The model code never imports torch.distributed; this file wraps finished models (torchtitan order:
 activation checkpointing and torch.compile per Block, then `fully_shard` each Block, then the root) and
 owns the checkpoint format:
@@ -11,12 +9,11 @@ owns the checkpoint format:
         meta.json                      run_id, step, epoch, data position, fault and bad-data counts, world
                                        size, the config and the trained module's config
         COMPLETE                       written last; a directory without it is ignored
-Writing happens in step_XXXXXXXX.tmp, which is renamed after every rank has finished, so a crash
-mid-save leaves the previous checkpoint as the latest. The last `keep` checkpoints of the same run are
-kept. Loading never lets a checkpoint's bytes reach pickle unchecked (see _check_index).
+Writing happens in step_XXXXXXXX.tmp, renamed after every rank has finished, so a crash mid-save leaves the
+previous checkpoint as the latest; the last `keep` checkpoints of the same run are kept. Loading never lets
+a checkpoint's bytes reach pickle unchecked (see _check_index).
 
-Single process: `python train.py` works too: init() then makes a 1-rank gloo group, so the same
-FSDP2 code path runs everywhere.
+Single process: `python train.py` makes a 1-rank gloo group in init(): the same FSDP2 path runs everywhere.
 """
 import contextlib
 import ctypes
@@ -87,17 +84,12 @@ def init():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shutdown():
+def shutdown(wait=True):
+    """Leave the process group; wait=False skips the barrier (a run ending on an error: a gloo group still alive
+    at interpreter exit was seen to abort the process with -6 instead of letting it exit with its code)."""
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def close():
-    """Tear this process's group down without waiting for the others (a run ending on an error). A gloo group
-    still alive at interpreter exit was seen to abort the process ("terminate called without an active
-    exception", exit -6) instead of letting it exit with its code."""
-    if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
