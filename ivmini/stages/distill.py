@@ -22,14 +22,13 @@ import torch
 from ..checkpoint import official_config, read_state_dict, resize_pos_embeds, select_prefix
 from ..checkpoint.state_dicts import check_keys
 from ..config import VisionConfig, vision_config
-from ..data.datasets import VideoDataset, read_stage1_list
 from ..dist import consolidate, latest_checkpoint, read_meta
 from ..losses import cosine_distill, gather_targets
 from ..masking import clip_attention_visible_idx, num_visible
 from ..teachers import Stage2Teacher
 from ..vit import VideoViT, count_params
-from . import common
-from .common import Batches, data_paths, sample_seed
+from . import common, stage1
+from .common import sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
@@ -95,15 +94,10 @@ def build_teacher(src, num_frames, img_size, return_layers, return_interval, ori
 
 
 def dataset(cfg):
-    t = cfg.task
-    path, root = data_paths(cfg, "stage1_train.txt")
-    return VideoDataset(read_stage1_list(path), root, num_frames=t.num_frames,
-                        size=t.img_size or vision_config(cfg.preset).img_size, transform="stage1", sample="rand",
-                        seed=cfg.seed)
+    return stage1.list_dataset(cfg, cfg.task.num_frames)     # the student and the teacher see the same frames
 
 
-def sampler(dataset, cfg, rank, world):
-    return Batches(len(dataset), cfg.batch_size, rank, world, seed=cfg.seed)
+sampler = stage1.sampler
 
 
 def build(cfg, device):

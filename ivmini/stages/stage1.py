@@ -25,14 +25,19 @@ log = logging.getLogger("ivmini.stages")
 optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
 
 
-def dataset(cfg):
-    t = cfg.task
+def list_dataset(cfg, num_frames):
+    """The stage-1 list (default: the world's stage1_train.txt) as TSN-sampled clips of `num_frames` frames with
+    the stage-1 transform; stage 1 and the S/B/L distillation read their data so."""
     path, root = data_paths(cfg, "stage1_train.txt")
-    # 2 x num_frames frames, TSN-sampled: the motion teacher takes all, the student and the
-    # multimodal teacher take frames[::2] (official td_ratio = 2)
-    return VideoDataset(read_stage1_list(path), root, num_frames=2 * t.num_frames,
-                        size=t.img_size or vision_config(cfg.preset).img_size, transform="stage1", sample="rand",
-                        seed=cfg.seed)
+    return VideoDataset(read_stage1_list(path), root, num_frames=num_frames,
+                        size=cfg.task.img_size or vision_config(cfg.preset).img_size, transform="stage1",
+                        sample="rand", seed=cfg.seed)
+
+
+def dataset(cfg):
+    # 2 x num_frames frames: the motion teacher takes all, the student and the multimodal teacher take
+    # frames[::2] (official td_ratio = 2)
+    return list_dataset(cfg, 2 * cfg.task.num_frames)
 
 
 def sampler(dataset, cfg, rank, world):
