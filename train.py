@@ -141,16 +141,28 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     stage = stages.STAGES[cfg.stage]
 
-    lock = runs.Lock(cfg.out) if rank == 0 else None      # one writer per run folder: rank 0 holds it
     try:
-        train(cfg, stage, rank, world, device, lock)
+        for run in phases(stage, cfg):                    # one run; stage 3: one per phase, each in its folder
+            lock = runs.Lock(run.out) if rank == 0 else None      # one writer per run folder: rank 0 holds it
+            try:
+                train(run, stage, rank, world, device, lock)
+            finally:
+                if lock is not None:
+                    lock.release()
+        dist.shutdown()
     except runs.RunError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
     finally:
-        if lock is not None:
-            lock.release()
-        dist.shutdown(wait=False)                         # after a normal end train() already left the group
+        dist.shutdown(wait=False)                         # after a normal end the group is already gone
+
+
+def phases(stage, cfg):
+    """The runs of this command: [cfg], or stage 3's one config per phase (ivmini/stages/stage3.py)."""
+    try:
+        return stage.phases(cfg)
+    except ValueError as e:
+        raise runs.RunError(str(e)) from None
 
 
 def train(cfg, stage, rank, world, device, lock):
@@ -275,7 +287,6 @@ def train(cfg, stage, rank, world, device, lock):
         log.info("%s", line)
     if metrics_file:
         metrics_file.close()
-    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -68,16 +68,18 @@ def frames_message(seconds):
     return f" The video contains {len(seconds)} frames sampled at {', '.join(f'{t:.1f}' for t in seconds)} seconds. "
 
 
-def conversation(qa, *, instruction=None, msg="", system=""):
+def conversation(qa, *, instruction=None, msg="", system="", video_text=None):
     """(header, turns): lists of (kind, text) segments, kind in prompt | visual | answer | eos. header is
     the system text, the instruction (default qa[0]["i"]) and the video; each turn one QA. A QA whose "a" is
-    None ends at " [/INST]" (the question the model is to answer)."""
+    None ends at " [/INST]" (the question the model is to answer). video_text: text written where the video
+    goes instead of the placeholder (unsupervised; stage 3's phase lm teaches the tiny LLM to read that slot)."""
     if not qa:
         raise ValueError("an instruction record needs at least one QA")
     if instruction is None:
         instruction = qa[0].get("i", "")
     head = system + (instruction + " " if instruction else "") + "[INST] <Video>"
-    header = [("prompt", head), ("visual", VID_PLH), ("prompt", "</Video>" + msg.rstrip() + " [/INST]")]
+    video = ("visual", VID_PLH) if video_text is None else ("prompt", video_text)
+    header = [("prompt", head), video, ("prompt", "</Video>" + msg.rstrip() + " [/INST]")]
     turns = []
     for t in qa:
         turn = [("prompt", f" [INST] {t['q']} [/INST]")] if t.get("q") else []
@@ -142,13 +144,13 @@ def fit(header, turns, tokenizer, n_visual, max_len, keep):
     return Encoded(ids, labels, dropped)
 
 
-def encode_conversation(record, tokenizer, n_visual, max_len=None, *, seconds=None, system=""):
+def encode_conversation(record, tokenizer, n_visual, max_len=None, *, seconds=None, system="", video_text=None):
     """Training ids and labels of an instruction record {"video", "QA": [{"i", "q", "a"}, ...]}; seconds:
-    the sampled frame times for the frame message (None: no message)."""
+    the sampled frame times for the frame message (None: no message); video_text: see conversation()."""
     if any(t.get("a") is None for t in record["QA"]):
         raise ValueError("every training QA needs an answer 'a'")
     msg = frames_message(seconds) if seconds is not None else ""
-    header, turns = conversation(record["QA"], msg=msg, system=system)
+    header, turns = conversation(record["QA"], msg=msg, system=system, video_text=video_text)
     enc = fit(header, turns, tokenizer, n_visual, max_len, keep="first")
     enc.instruction = record["QA"][0].get("i", "")
     return enc
@@ -243,8 +245,12 @@ class VideoChat(nn.Module):
             raise ValueError(f"qformer vision_width={qformer_cfg.vision_width} != vision embed_dim="
                              f"{vision_cfg.embed_dim}")
         self.vision_encoder = VideoViT(replace(vision_cfg, depth=vision_cfg.depth - 1, heads="none"))
+        del self.vision_encoder.clip_projector      # x_vis_only: the released chat ViT has no pooling head
         self.qformer = QFormer(qformer_cfg)
         self.project_up = nn.Linear(qformer_cfg.hidden_size, llm_cfg.hidden_size)
+        # LLM width -> Q-Former width: in the released model only for its optional vision-regression loss (off,
+        # never called in forward); kept so the released file's project_down.* loads key for key
+        self.project_down = nn.Linear(llm_cfg.hidden_size, qformer_cfg.hidden_size)
         self.lm = LLM(llm_cfg)
 
     @property
@@ -282,9 +288,13 @@ class VideoChat(nn.Module):
 
     def forward(self, video, ids, attention_mask=None, labels=None, qformer_ids=None, qformer_mask=None):
         """-> (loss or None, logits (B, L, V)); loss = mean cross-entropy of the supervised next tokens
-        (labels[:, 1:] against logits[:, :-1], IGNORE skipped)."""
-        visual = self.encode_video(video, qformer_ids, qformer_mask)
-        logits = self.lm(inputs_embeds=self.embed(ids, visual), attention_mask=attention_mask)
+        (labels[:, 1:] against logits[:, :-1], IGNORE skipped). video None: text only (ids without placeholders;
+        stage 3's phase lm), still through this forward so that a sharded model gathers its weights."""
+        if video is None:
+            logits = self.lm(ids, attention_mask=attention_mask)
+        else:
+            visual = self.encode_video(video, qformer_ids, qformer_mask)
+            logits = self.lm(inputs_embeds=self.embed(ids, visual), attention_mask=attention_mask)
         if labels is None:
             return None, logits
         if not bool((labels[:, 1:] != IGNORE).any()):

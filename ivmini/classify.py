@@ -2,7 +2,8 @@
 (eval.py classify / mcqa). Shared loading and encoding: ivmini/evaluate.py.
 
 Classification (facts §3.9): class names x the 16 official action templates (TEMPLATES), each through
-pre_text; the (videos x texts) ITC matrix is softmax-ed over the texts (the stage-2 official scores), reshaped
+pre_text; the (videos x texts) ITC matrix is softmax-ed over the texts (the stage-2 official scores; a CLIP
+model's are the raw cosines, softmax=False, as the official get_sim mean over the prompts), reshaped
 (Nv, n_cls, 16) and averaged over the templates (score ensembling, not embedding averaging).
 Fine-tuned classifiers (train.py --stage finetune; eval.py classify --finetuned; facts §2.7, §6): clips x crops
 views per video (clip c: frames c, c + clips, ... of clips x T evenly spaced ones; crops: squares of the short
@@ -56,9 +57,9 @@ def topk_correct(scores, labels, k):
 
 
 def classify_eval(model, records, root, tokenizer, class_names, *, num_frames=4, size=None, max_txt_l=32,
-                  batch_size=16, subsets=None, progress=False):
-    """Records with .label -> (result, {"scores": (Nv, n_cls) ensembled}). Undecodable videos are skipped and
-    counted in the result."""
+                  batch_size=16, subsets=None, progress=False, softmax=True):
+    """Records with .label -> (result, {"scores": (Nv, n_cls) ensembled}). softmax: ensemble the ITC softmax
+    over all texts (stage 2), else the raw cosines (CLIP). Undecodable videos are skipped and counted."""
     size = size or model.cfg.vision.img_size
     for i, rec in enumerate(records):
         if not 0 <= rec.label < len(class_names):
@@ -68,8 +69,8 @@ def classify_eval(model, records, root, tokenizer, class_names, *, num_frames=4,
                                          batch_size=batch_size, progress=progress)
     refuse_missing([] if kept else failed, f"of the {len(records)} videos (all of them)")
     _, _, txt = encode_texts(model, class_prompts(class_names), tokenizer, max_txt_l, progress=progress)
-    probs = (vis @ txt.T).double().softmax(dim=1)                           # (Nv, n_cls * 16) ITC, softmax-ed
-    scores = ensemble_templates(probs)                                      # (Nv, n_cls)
+    itc = (vis @ txt.T).double()                                            # (Nv, n_cls * 16) cosines
+    scores = ensemble_templates(itc.softmax(dim=1) if softmax else itc)     # (Nv, n_cls)
     return class_result(scores, [records[i] for i in kept], failed, class_names, subsets), {"scores": scores.numpy()}
 
 

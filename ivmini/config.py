@@ -7,6 +7,8 @@ a 16-head attention pool that outputs 768, LayerScale 1e-5. `tiny` is ivmini's o
 import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
+from .tasks import AlignTask, ChatTask, DistillSTask, DistillTask, FinetuneTask, failed_rules
+
 
 @dataclass
 class VisionConfig:
@@ -131,146 +133,6 @@ def vision_config(preset="tiny", **overrides):
 # per stage returns the official numbers for a preset. Field comments are the `train.py --help` text.
 
 @dataclass
-class DistillTask:
-    """Stage 1, unmasked-token distillation (paper §3.1; facts §2)."""
-    num_frames: int = 8              # student frames; the motion teacher sees twice as many
-    img_size: int = 0                # input resolution; 0 = the preset's
-    mask_ratio: float = 0.8          # share of each frame's patches the student does not see
-    clip_return_layer: int = 2       # student blocks distilled from the multimodal teacher's last ones (official 6)
-    mae_return_layer: int = 2        # student blocks distilled from the motion teacher's last ones (official 4)
-    loss_clip_middle: float = 1.0    # weight of the multimodal teacher's token loss
-    loss_clip_final: float = 1.0     # weight of its pooled-output loss
-    loss_mae: float = 1.0            # weight of the motion teacher's token loss
-    teacher_multimodal: str = ""     # InternVL-C .pth / OpenAI-CLIP weights; "" = small random teacher (smoke run)
-    teacher_multimodal_kind: str = "internvl"   # internvl | clip
-    teacher_motion: str = ""         # VideoMAEv2-g .pth; "" = small random teacher (smoke run)
-    teacher_motion_attention: str = "per_head"   # per_head (VideoMAEv2) | across_heads (the official file's layout)
-
-    def problems(self):
-        return _problems(self, [
-            ("num_frames", lambda v: v >= 1, "at least 1"),
-            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
-            ("mask_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("clip_return_layer", lambda v: v >= 1, "at least 1"), ("mae_return_layer", lambda v: v >= 1, "at least 1"),
-            ("teacher_multimodal_kind", lambda v: v in ("internvl", "clip"), "internvl or clip"),
-            ("teacher_motion_attention", lambda v: v in ("per_head", "across_heads"), "per_head or across_heads")])
-
-
-@dataclass
-class AlignTask:
-    """Stage 2, video-text alignment (paper §3.2; facts §3): VTC + VTM + MLM with a BERT text tower."""
-    phase: str = "masked"            # masked: random masking, every tower trained | unmasked: vision frozen, no mask
-    num_frames: int = 4              # frames per video (official 4); an image is one frame
-    img_size: int = 0                # input resolution; 0 = the preset's
-    mask_ratio_video: float = 0.8    # share of a video's patches dropped (phase masked)
-    mask_ratio_image: float = 0.5    # share of an image's patches dropped (phase masked)
-    vision_init: str = "auto"        # stage-1 run, checkpoint or export to start from; auto = newest under runs/stage1
-    init: str = ""                   # a stage-2 run or export whose weights (every tower) start this run, e.g. the
-                                     # unmasked phase after the masked one; overrides vision_init
-    text_model: str = ""             # HF BERT directory (config.json, weights, vocab.txt); "" = all-MiniLM-L6-v2
-    fusion_layer: int = 4            # text layers [0, fusion_layer) encode, the rest fuse with the video
-    text_pool: str = "mean"          # text feature: cls (official) | mean (all-MiniLM-L6-v2, whose [CLS] is constant)
-    text_ckpt: bool = False          # recompute the text layers' activations in the backward (saves memory)
-    max_txt_l: int = 32              # tokens per caption incl. [CLS] and [SEP]; longer ones are truncated (counted)
-    embed_dim: int = 128             # contrastive embedding width (official 512)
-    temp: float = 0.07               # initial contrastive temperature (learned, clamped to [0.001, 0.5])
-    loss_vtc: float = 1.0            # weight of the video-text contrastive loss
-    loss_vtm: float = 1.0            # weight of the video-text matching loss
-    loss_mlm: float = 1.0            # weight of the masked language modelling loss
-    mlm_prob: float = 0.5            # share of caption tokens masked for MLM
-    vtm_hard_negatives: bool = True  # VTM negatives drawn by similarity (else uniformly)
-    # audio (the official 6B audio-visual model, facts §3.3-3.6): videos become audio-video samples
-    audio: bool = False              # add the BEATs audio tower and the AVTC / AVTM / AVMLM losses
-    audio_model: str = ""            # official beats.pth ({'cfg', 'model'}); "" = BEATs tiny from random init
-    freeze_audio: bool = False       # keep the audio tower frozen (official, with a real beats.pth)
-    av_concat_dim: int = 0           # width of the audio+video memory the fusion layers read; 0 = the text width
-    loss_avtc: float = 1.0           # text vs the fused audio+video feature (official weights: 1, 1, 1)
-    loss_avtm: float = 1.0           # matching with the audio+video memory
-    loss_avmlm: float = 1.0          # MLM with the audio+video memory
-    loss_atc: float = 0.0            # text vs audio, video vs audio, text-audio matching, MLM with audio only
-    loss_avc: float = 0.0            # (official weight 0)
-    loss_atm: float = 0.0
-    loss_amlm: float = 0.0
-    loss_caption: str = "vtc=caption,vtm=caption,mlm=caption,avtc=av_caption,avtm=av_caption,avmlm=av_caption," \
-                        "atc=audio_caption,atm=audio_caption,amlm=audio_caption"   # the caption key each loss reads
-
-    def captions_of_losses(self):
-        """loss_caption as a dict {loss name: caption key} (problems() has checked its form)."""
-        return {k.strip(): v.strip() for k, v in (p.split("=") for p in self.loss_caption.split(",") if p.strip())}
-
-    def problems(self):
-        ratio = lambda v: 0 <= v < 1  # noqa: E731
-        return _problems(self, [
-            ("phase", lambda v: v in ("masked", "unmasked"), "masked or unmasked"),
-            ("num_frames", lambda v: v >= 1, "at least 1"),
-            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
-            ("mask_ratio_video", ratio, "in [0, 1)"), ("mask_ratio_image", ratio, "in [0, 1)"),
-            ("fusion_layer", lambda v: v >= 1, "at least 1"), ("max_txt_l", lambda v: v >= 3, "at least 3"),
-            ("text_pool", lambda v: v in ("cls", "mean"), "cls or mean"),
-            ("embed_dim", lambda v: v >= 1, "at least 1"), ("temp", lambda v: 0.001 <= v <= 0.5, "in [0.001, 0.5]"),
-            ("mlm_prob", lambda v: 0 < v < 1, "in (0, 1)"), ("av_concat_dim", lambda v: v >= 0, "0 or more"),
-            ("loss_caption", _loss_caption_ok, "loss=caption_key entries for losses among " + ", ".join(AV_LOSSES))])
-
-
-AV_LOSSES = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm", "atc", "avc", "atm", "amlm")
-
-
-def _loss_caption_ok(text):
-    pairs = [p.split("=") for p in text.split(",") if p.strip()]
-    return all(len(p) == 2 and p[0].strip() in AV_LOSSES and p[1].strip() for p in pairs)
-
-
-@dataclass
-class FinetuneTask:
-    """Fine-tuning and probing a video encoder on classification (facts §2.7): a Kinetics-style CSV "path,label"."""
-    head: str = "full"               # full: fine-tune everything | linear: frozen encoder, fc_norm + head on the pooled
-                                     # feature | attentive: frozen blocks, a fresh attention pool + fc_norm + head
-    init: str = "auto"               # stage-1/2 run, export or official file; auto = newest of runs/stage2, runs/stage1
-    orig_t_size: int = 0             # frames of --init's position table when they cannot be inferred; 0 = infer
-    num_classes: int = 0             # 0 = classes.json beside the CSV (the synthetic world), else the max label + 1
-    num_frames: int = 8              # frames per clip, sparse (TSN) sampling (official 8 or 16)
-    img_size: int = 0                # input resolution; 0 = the preset's
-    layer_decay: float = 0.9         # layer-wise lr decay: block i's lr x decay^(depth - i) (official 1B: 0.9)
-    drop_path: float = -1.0          # stochastic depth of the last block; -1 = the preset's (probes: 0)
-    label_smoothing: float = 0.1     # cross-entropy label smoothing (official 0.1)
-    mixup: float = 0.0               # mixup Beta alpha; 0 = off (official 0.8)
-    cutmix: float = 0.0              # cutmix Beta alpha; 0 = off (official 1.0); with both, one of them per batch
-
-    def problems(self):
-        return _problems(self, [
-            ("head", lambda v: v in ("full", "linear", "attentive"), "full, linear or attentive"),
-            ("orig_t_size", lambda v: v >= 0, ">= 0"), ("num_classes", lambda v: v >= 0, ">= 0"),
-            ("num_frames", lambda v: v >= 1, "at least 1"),
-            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
-            ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
-            ("drop_path", lambda v: v == -1 or 0 <= v < 1, "-1 (the preset's) or in [0, 1)"),
-            ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("mixup", lambda v: v >= 0, ">= 0"), ("cutmix", lambda v: v >= 0, ">= 0")])
-
-
-@dataclass
-class DistillSTask:
-    """Distillation of an S/B/L student from a stage-2 video encoder (facts §2.6): MLP decoders, whole-clip masking."""
-    teacher: str = "auto"            # stage-2 run, export or official file; auto = the newest under runs/stage2;
-                                     # "" (or auto without a run) = a small random teacher (smoke run)
-    teacher_t_size: int = 0          # frames of the teacher file's position table when they cannot be inferred
-    return_layer: int = 2            # blocks distilled: the student's last K, the teacher's (official 6)
-    teacher_interval: float = 1.0    # teacher blocks depth-1 - int(i * interval), i < K (official 3.34)
-    num_frames: int = 8              # frames per clip, student and teacher (official 8)
-    img_size: int = 0                # input resolution; 0 = the preset's
-    mask_ratio: float = 0.8          # share of the clip's patches the student does not see (by teacher attention)
-    loss_middle: float = 1.0         # weight of the teacher's block-token loss
-    loss_final: float = 1.0          # weight of its pooled-output loss
-
-    def problems(self):
-        return _problems(self, [
-            ("teacher_t_size", lambda v: v >= 0, ">= 0"), ("return_layer", lambda v: v >= 1, "at least 1"),
-            ("teacher_interval", lambda v: v > 0, "> 0"), ("num_frames", lambda v: v >= 1, "at least 1"),
-            ("img_size", lambda v: v >= 0 and v % 14 == 0, "0 (the preset's) or a multiple of the patch size 14"),
-            ("mask_ratio", lambda v: 0 <= v < 1, "in [0, 1)")])
-
-
-@dataclass
 class TrainConfig:
     stage: int | str = 1             # training stage: 1, 2 or a name (see ivmini/stages/)
     preset: str = "tiny"             # model size: tiny | S | B | L | 1B | 6B
@@ -303,12 +165,12 @@ class TrainConfig:
     keep_ckpts: int = 2              # checkpoints kept (the newest)
     max_skips: int = 10              # non-finite steps skipped before the run aborts (exit code 3)
     max_bad_data: float = 0.01       # share of the samples drawn that may fail to decode before the run stops (4)
-    task: DistillTask | AlignTask | FinetuneTask | DistillSTask = field(default_factory=DistillTask)  # the stage's
+    task: DistillTask | AlignTask | FinetuneTask | DistillSTask | ChatTask = field(default_factory=DistillTask)  # the stage's
                                      # own options
 
     def problems(self):
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
-        return _problems(self, [
+        return failed_rules(self, [
             ("epochs", finite, "a finite number >= 0"), ("warmup_epochs", finite, "a finite number >= 0"),
             ("max_steps", lambda v: v >= 1 or self.epochs > 0, "at least 1"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
             ("batch_size", lambda v: v >= 1, "at least 1"), ("accum", lambda v: v >= 1, "at least 1"),
@@ -319,15 +181,8 @@ class TrainConfig:
             ("clip_grad", lambda v: finite(v) and v > 0, "a finite number > 0"),
             ("workers", lambda v: v >= 0, ">= 0"), ("log_every", lambda v: v >= 1, "at least 1"),
             ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_ckpts", lambda v: v >= 1, "at least 1"),
-            ("max_skips", lambda v: v >= 0, ">= 0"), ("max_bad_data", lambda v: 0 <= v < 1, "in [0, 1)")]) \
+            ("max_skips", lambda v: v >= 0, ">= 0"), ("max_bad_data", lambda v: 0 <= v < 1, "in [0, 1)")], prefix="") \
             + self.task.problems()
-
-
-def _problems(cfg, rules):
-    """'--name=value must be ...' for each (field, test, requirement) rule the value of cfg fails."""
-    prefix = "" if isinstance(cfg, TrainConfig) else "task."
-    return [f"--{prefix}{name.replace('_', '-')}={getattr(cfg, name)!r} must be {must}"
-            for name, ok, must in rules if not ok(getattr(cfg, name))]
 
 
 def stage1(preset="tiny") -> TrainConfig:
@@ -396,7 +251,24 @@ def distill(preset="tiny") -> TrainConfig:
                    act_ckpt=preset in ("1B", "6B"), task=DistillSTask(return_layer=6, teacher_interval=3.34))
 
 
-RECIPES = {1: stage1, 2: stage2, "finetune": finetune, "distill": distill}
+def stage3(preset="tiny") -> TrainConfig:
+    """Stage 3. Official (VideoChat2's recipe, facts §5.2; the InternVideo2-Chat training code is not released):
+    caption then instruct, AdamW wd 0.02, betas (0.9, 0.999), cosine; pass --llm (Mistral-7B-Instruct) and its
+    tokenizer. tiny: the tiny LLM trained first on the world's text (phase lm), a 2-layer Q-Former of width 128
+    with 16 + 8 queries, each QA its own sample, a few CPU minutes per phase on 2 ranks."""
+    cfg = TrainConfig(stage=3, preset=preset, out="runs/stage3", lr_scaling="none", weight_decay=0.02, beta2=0.999,
+                      eps=1e-8, clip_grad=1.0, warmup_steps=20, task=ChatTask())
+    if preset == "tiny":
+        task = ChatTask(num_query_token=16, extra_num_query_token=8, qformer_hidden=128, qformer_layers=2,
+                        qformer_heads=4, max_txt_len=128, split_qa=True, lm_lr=2e-3, caption_lr=1e-3,
+                        instruct_lr=5e-4)
+        return replace(cfg, batch_size=8, log_every=10, ckpt_every=100, task=task,
+                       max_steps=max(task.lm_steps, task.caption_steps, task.instruct_steps))
+    return replace(cfg, batch_size=4, workers=8, act_ckpt=True, log_every=50, ckpt_every=1000,
+                   max_steps=max(cfg.task.caption_steps, cfg.task.instruct_steps))
+
+
+RECIPES = {1: stage1, 2: stage2, 3: stage3, "finetune": finetune, "distill": distill}
 
 
 def _has(obj, name):

@@ -15,12 +15,17 @@ Retrieval (facts §3.8, the official retrieval_utils.evaluation / itm_eval):
     are taken on the scores before it (float32 softmax would only add ties). A query's rank = how many
     candidates score at least as high as its best ground truth, less one (ties count against it).
     Metrics (official names, percent): v2t_r1/5/10, v2t_r_mean, t2v_r1/5/10, t2v_r_mean, r_mean.
+InternVideo2-CLIP (facts §4, ivmini/clip.py; official tasks_clip evaluation_video_clip): eval.py retrieval and
+classify also take a load_official kind "clip" file. ITC only (no ITM head: the sim and dsl sets); 8 frames by
+default; the texts as the official CLIP Tokenizer makes them (CLIPTextTokenizer): "summarize:" + the pre_text
+caption, <s> ... </s>, right padding, at most 80 tokens (truncated at the right, </s> kept).
 `load_run`, `itc_features`, `t2v_ranks` and `retrieval` are the ITC-only core used by tests/test_train_stage2.py
-and `python -m ivmini.evaluate RUN`. Tests: tests/test_eval.py.
+and `python -m ivmini.evaluate RUN`. Tests: tests/test_eval.py, tests/test_eval_clip.py.
 """
 import argparse
 import json
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from .data.transforms import make_rng
 from .data.video import DecodeError
 from .dist import consolidate, latest_checkpoint, read_meta
 from .text import WordPieceTokenizer, minilm_path
+from .tokenizer import SPTokenizer, check_vocab
 
 
 def load_run(path):
@@ -112,10 +118,16 @@ class CheckpointKindError(ValueError):
     """A checkpoint of a kind the task does not accept; the message names the kinds it does."""
 
 
-def load_model(ckpt, task, accepts=("stage2",), spec=None):
+# the checkpoint kinds each eval.py task takes (CLIP: ITC only, so the tasks that need no ITM head)
+ACCEPTS = {"retrieval": ("stage2", "clip"), "classify": ("stage2", "clip")}
+
+
+def load_model(ckpt, task, accepts=None, spec=None):
     """ckpt: a run folder / step_* folder, or a file (an export, or an official release) with its load_official
     arguments in `spec` (default: the .json beside it, as `python -m ivmini.checkpoint export` writes)
-    -> (model in eval mode, info {kind, step, num_frames, max_txt_l, text_model} (None where the file says nothing))."""
+    -> (model in eval mode, info {kind, step, num_frames, max_txt_l, text_model} (None where the file says nothing)).
+    accepts: the kinds allowed (default: ACCEPTS[task], else stage2 only)."""
+    accepts = accepts or ACCEPTS.get(task, ("stage2",))
     if os.path.isdir(ckpt):
         path = latest_checkpoint(ckpt) or latest_checkpoint(os.path.join(ckpt, "checkpoints"))
         if path is None:
@@ -147,7 +159,47 @@ def _check_kind(ckpt, kind, task, accepts):
     if kind not in accepts:
         raise CheckpointKindError(f"{ckpt} is a {kind!r} checkpoint; `eval.py {task}` accepts kind "
                                   f"{' or '.join(map(repr, accepts))} (a stage-2 run or checkpoint folder, or a "
-                                  f"file exported from one / released as load_official kind 'stage2')")
+                                  f"file exported from one / released as load_official kind 'stage2'"
+                                  f"{'; an InternVideo2-CLIP file, kind clip' if 'clip' in accepts else ''})")
+
+
+CLIP_FRAMES = 8              # the official CLIP zero-shot configs (scripts/evaluation/clip/zero_shot): 8 frames
+CLIP_MAX_TXT_L = 80          # the official CLIP Tokenizer's max_length (it ignores the config's max_txt_l)
+CLIP_PREFIX = "summarize:"   # glued to every text, no space (the official Tokenizer.forward)
+
+
+class CLIPTextTokenizer:
+    """The InternVideo2-CLIP text input (facts §4; the official LlamaTokenizer with add_eos_token, pad " "):
+    CLIP_PREFIX + text, <s> first and </s> last, RIGHT padding, rows longer than max_length cut at the right with
+    </s> kept (HF truncation=True). The official pads to max_length=80; here to the longest row: with right
+    padding the extra pads change no feature (ivmini/clip.py). A text cut is warned about.
+
+        tok = CLIPTextTokenizer(path, llm_cfg)     path: the LLaMA tokenizer.model (or its folder); its vocabulary
+                                                   must match llm_cfg (ivmini.tokenizer.check_vocab)
+        tok(texts, padding=True, max_length=80) -> {"input_ids", "attention_mask"}: int64 (B, L), as
+                                                   encode_texts calls a tokenizer"""
+
+    def __init__(self, path, llm_cfg):
+        self.sp = SPTokenizer(path)
+        check_vocab(self.sp, llm_cfg)
+        self.path = self.sp.path
+
+    def __call__(self, texts, padding=True, max_length=CLIP_MAX_TXT_L):
+        if padding not in (True, "longest"):
+            raise ValueError(f"CLIPTextTokenizer pads to the longest row only, got padding={padding!r}")
+        enc = self.sp([CLIP_PREFIX + t for t in texts], bos=True, eos=True, max_length=max_length,
+                      truncation="right")
+        cut = int(enc["truncated"].sum())
+        if cut:
+            warnings.warn(f"{cut} of {len(texts)} texts are longer than {max_length} tokens: cut at the right "
+                          f"(</s> kept), as the official CLIP tokenizer does", stacklevel=2)
+        ids, mask = enc["input_ids"], enc["attention_mask"]                  # (B, L) left-padded
+        B, L = ids.shape
+        n = mask.sum(1, keepdim=True)                                        # (B, 1) real tokens per row
+        # left -> right padding: position j takes the left-padded position (j + L - n) mod L, i.e. the n real
+        # tokens first, then the L - n pads
+        src = (torch.arange(L)[None] + L - n) % L                            # (B, L)
+        return {"input_ids": ids.gather(1, src), "attention_mask": mask.gather(1, src)}
 
 
 # retrieval --modality -> (the caption key of the queries, the matching head of the ITM re-rank); audio ones need the

@@ -189,7 +189,7 @@ class LLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens=32,
                  do_sample=False, temperature=1.0, top_p=1.0, eos_token_id=None, stop_strings=None, decode=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, on_token=None):
         """New token ids (B, T), T <= max_new_tokens, after a (left-padded) prompt of ids or embeddings.
 
         Greedy (do_sample=False) or sampling from softmax(logits / temperature) restricted to the smallest
@@ -198,6 +198,7 @@ class LLM(nn.Module):
         or once decode(its new ids) contains one of stop_strings (the tokens of the string are kept); later
         positions hold cfg.pad_token_id (eos if None). Generation ends when every sample has stopped.
         use_cache=False recomputes the whole sequence each step (the reference the cache is tested against).
+        on_token: called with each step's (B,) new ids as they are made (e.g. to stream the text).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -223,6 +224,8 @@ class LLM(nn.Module):
             token = self.next_token(logits, do_sample, temperature, top_p, generator)                # (B,)
             token = torch.where(done, torch.full_like(token, fill), token)
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             done = done | torch.isin(token, stop_ids)
             if stop_strings:
                 ids = torch.stack(out, dim=1).tolist()                                               # (B, t)

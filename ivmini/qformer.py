@@ -112,7 +112,8 @@ class QFormerBert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = QFormerEmbeddings(cfg)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.num_hidden_layers).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.num_hidden_layers, device="cpu").tolist()   # also under
+                                                                                # a meta default device
         self.layer = nn.ModuleList(QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, rates[i])
                                    for i in range(cfg.num_hidden_layers))
 

@@ -30,6 +30,10 @@ load_official kinds (the official class each reproduces, key for key):
     "chat_qformer"     the InternVideo2-Chat-8B bridge (query_tokens, extra_query_tokens, vision_layernorm.*,
                        qformer.bert.*), keywords num_query_token=, extra_num_query_token=, vision_width=, BertConfig's
                        (chat.py: load_chat_qformer)
+    "chat"             InternVideo2-Chat-8B as a VideoChat (vision_encoder.* with 39 blocks and bare ls1/ls2,
+                       the bridge above, project_up/project_down, lm.base_model.model.* the peft-wrapped Mistral, old
+                       or new peft layout), keywords llm= (an LLMConfig, preset or HF config dict), vision= (the
+                       HF ViT's), qformer=, lora= (LoRAConfig or None), merge= (chat.py: load_chat)
     "clip"             InternVideo2-CLIP (vision_encoder.*, text_encoder.transformer.* the LLaMA text tower with
                        peft LoRA names, text_encoder.text_projection, temp), keywords vision= (clip_vision's),
                        text= (an LLMConfig, preset or HF config dict) (clip.py: load_clip)
@@ -60,7 +64,8 @@ from .state_dicts import check_keys, read_state_dict, select_prefix
 from .text import bert_from_official, bert_to_official, load_bert_mlm, load_hf_bert, minilm_path
 from .beats import beats_from_official, load_beats
 from .llm import llm_config_from_hf, llm_from_hf, llm_to_hf, load_llm, save_hf
-from .chat import chat_qformer_from_official, chat_qformer_to_official, load_chat_qformer
+from .chat import (chat_from_official, chat_qformer_from_official, chat_qformer_to_official, chat_to_official,
+                   load_chat, load_chat_qformer)
 from .clip import clip_from_official, clip_to_official, load_clip
 from .stage2 import init_vision_from_stage1, load_stage2, stage2_from_official, stage2_kwargs, stage2_to_official
 from .teachers import (INTERNVL_C_TEXT_KEYS, OPENAI_CLIP_TEXT_KEYS, VIDEOMAE_V2_OTHER_KEYS, build_teachers,
@@ -73,6 +78,7 @@ LOADERS["stage2"] = load_stage2
 LOADERS["beats"] = load_beats
 LOADERS["llm"] = load_llm
 LOADERS["chat_qformer"] = load_chat_qformer
+LOADERS["chat"] = load_chat
 LOADERS["clip"] = load_clip
 
 
@@ -93,4 +99,5 @@ __all__ = ["LOADERS", "load_vision", "read_state_dict", "select_prefix", "check_
            "stage2_kwargs", "init_vision_from_stage1", "load_beats", "beats_from_official",
            "load_llm", "llm_config_from_hf", "llm_from_hf", "llm_to_hf", "save_hf",
            "load_chat_qformer", "chat_qformer_from_official", "chat_qformer_to_official",
+           "load_chat", "chat_from_official", "chat_to_official",
            "load_clip", "clip_from_official", "clip_to_official"]

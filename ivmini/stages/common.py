@@ -67,6 +67,11 @@ def param_groups(model, weight_decay, lr_scale=None):
     return list(groups.values())
 
 
+def one_phase(cfg):
+    """The stage hook train.py calls for the runs of one command: a single run (stage 3 has one per phase)."""
+    return [cfg]
+
+
 def optimizer_groups(model, cfg):
     """The stage hook train.py calls for the AdamW groups: the weight-decay rules, one learning rate."""
     return param_groups(model, cfg.weight_decay)

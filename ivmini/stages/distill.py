@@ -32,7 +32,8 @@ from .common import sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
-optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
+optimizer_groups = common.optimizer_groups     # the stage hooks: the shared AdamW groups, one run
+phases = common.one_phase
 
 STAGE2_RUNS = "runs/stage2"   # where teacher=auto looks (the stage-2 default --out)
 # the stage-2 encoder's parts the teacher does not use (official: dropped when the teacher is built)

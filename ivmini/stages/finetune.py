@@ -31,11 +31,12 @@ from ..config import vision_config
 from ..data.datasets import VideoDataset, read_classify_csv
 from ..dist import consolidate, latest_checkpoint
 from ..vit import VideoViT, count_params
-from .common import Batches, data_paths, param_groups, sample_seed
+from .common import Batches, data_paths, one_phase, param_groups, sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
 AUTO_INIT = ("runs/stage2", "runs/stage1")   # where init=auto looks, in this order (the stages' default --out)
+phases = one_phase                            # the stage hook: one run
 TRAINED = {"full": None, "linear": ("fc_norm", "head"), "attentive": ("clip_projector", "fc_norm", "head")}
 
 

@@ -22,7 +22,8 @@ from .common import Batches, data_paths, sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
-optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
+optimizer_groups = common.optimizer_groups     # the stage hooks: the shared AdamW groups, one run
+phases = common.one_phase
 
 
 def list_dataset(cfg, num_frames):

@@ -34,7 +34,8 @@ from .common import data_paths, sample_seed
 
 log = logging.getLogger("ivmini.stages")
 
-optimizer_groups = common.optimizer_groups     # the stage hook: the shared AdamW groups
+optimizer_groups = common.optimizer_groups     # the stage hooks: the shared AdamW groups, one run
+phases = common.one_phase
 
 STAGE1_RUNS = "runs/stage1"   # where vision_init=auto looks (the stage-1 default --out)
 
