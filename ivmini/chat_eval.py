@@ -62,10 +62,12 @@ def option_scores(model, video, qa, tok, qtok, *, max_len=None, qformer_max_len=
     return (picked * (target != IGNORE)).sum(-1).double().cpu()
 
 
-def qa_eval(model, records, root, tok, qtok, *, subsets=None, max_len=None, qformer_max_len=64, progress=False):
+def qa_eval(model, records, root, tok, qtok, *, subsets=None, max_len=None, qformer_max_len=64, generate=False,
+            progress=False):
     """Instruction records [{"video", "QA": [{"i", "q", "options", "answer_idx", "type"}]}] -> result dict:
     accuracy (%) overall and per type, each also per subset (e.g. seen / novel: {name: set of video paths}),
-    chance per group, and every question with its scores."""
+    chance per group, and every question with its scores. generate: also answer each question freely (greedy,
+    as eval.py chat does) and count the answers equal to "a" (case and surrounding space ignored): "gen_acc"."""
     per_q, skipped = [], []
     for rec in tqdm(records, desc="qa", unit="video", disable=not progress):
         try:
@@ -81,6 +83,10 @@ def qa_eval(model, records, root, tok, qtok, *, subsets=None, max_len=None, qfor
             per_q.append({"video": rec.path, "type": qa.get("type", "all"), "q": qa["q"], "options": qa["options"],
                           "answer": a, "pred": int(s.argmax()), "scores": s.tolist(),
                           "correct": bool((s >= s[a]).sum() == 1)})
+            if generate:
+                said = model.chat(video, qa["q"], tok, qtok, instruction=qa.get("i", ""), max_len=max_len,
+                                  qformer_max_len=qformer_max_len, max_new_tokens=16)
+                per_q[-1].update(generated=said, gen_correct=said.strip().lower() == qa["options"][a].strip().lower())
     if not per_q:
         raise ValueError(f"no question could be asked: all {len(records)} videos failed to decode")
     groups = {"all": per_q} | {t: [q for q in per_q if q["type"] == t] for t in sorted({q["type"] for q in per_q})}
@@ -96,8 +102,11 @@ def qa_eval(model, records, root, tok, qtok, *, subsets=None, max_len=None, qfor
 
 
 def _accuracy(group):
-    return {"acc": 100.0 * sum(q["correct"] for q in group) / len(group), "questions": len(group),
-            "chance": 100.0 * sum(1 / len(q["options"]) for q in group) / len(group)}
+    out = {"acc": 100.0 * sum(q["correct"] for q in group) / len(group), "questions": len(group),
+           "chance": 100.0 * sum(1 / len(q["options"]) for q in group) / len(group)}
+    if "gen_correct" in group[0]:
+        out["gen_acc"] = 100.0 * sum(q["gen_correct"] for q in group) / len(group)
+    return out
 
 
 def stream_answer(model, video, question, tok, qtok, *, out=sys.stdout, **chat_kw):
@@ -160,6 +169,8 @@ def build_parser(prog=None):
             p.add_argument("--data-root", help="root of its video paths (default: the file's folder)")
             p.add_argument("--out", default="results_qa.json", help="result JSON")
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+            p.add_argument("--generate", action="store_true", help="also answer each question freely (greedy) and "
+                                                                   "report how often the answer is exactly right")
         else:
             p.add_argument("--video", required=True, help="the video to talk about")
             p.add_argument("--question", action="append", help="a question (repeatable: a conversation); without "
@@ -203,7 +214,8 @@ def main(argv=None, prog=None):
     data = args.data or os.path.join(world, "annotations", "instruct_test.json")
     root = args.data_root or world or os.path.dirname(os.path.abspath(data))
     result = qa_eval(model, read_instruct_json(data), root, tok, qtok, subsets=synthetic_subsets(world) if world
-                     else None, max_len=max_len, qformer_max_len=task["qformer_max_len"], progress=True)
+                     else None, max_len=max_len, qformer_max_len=task["qformer_max_len"], generate=args.generate,
+                     progress=True)
     result = {"task": "qa", "protocol": protocol, "ckpt": os.path.abspath(args.ckpt), "data": data,
               "data_root": root} | result
 
@@ -212,10 +224,14 @@ def main(argv=None, prog=None):
             json.dump(result, f, indent=1)
     atomic_write(args.out, dump)
     subs = [k for k in ("seen", "novel") if any(k in m for m in result["metrics"].values())]
-    print(f"{'type':10s} {'questions':>9s} {'acc %':>6s} " + " ".join(f"{k:>6s}" for k in subs) + f" {'chance':>6s}")
+    gen = ["gen_acc"] if args.generate else []
+    print(f"{'type':10s} {'questions':>9s} {'acc %':>6s} " + " ".join(f"{k:>6s}" for k in subs) + f" {'chance':>6s}"
+          + (" generated: exact %  " + " ".join(f"{k:>6s}" for k in subs) if gen else ""))
     for name, m in result["metrics"].items():
         print(f"{name:10s} {m['questions']:9d} {m['acc']:6.1f} "
-              + " ".join(f"{m[k]['acc']:6.1f}" if k in m else f"{'-':>6s}" for k in subs) + f" {m['chance']:6.1f}")
+              + " ".join(f"{m[k]['acc']:6.1f}" if k in m else f"{'-':>6s}" for k in subs) + f" {m['chance']:6.1f}"
+              + (f" {m['gen_acc']:19.1f}  " + " ".join(f"{m[k]['gen_acc']:6.1f}" if k in m else f"{'-':>6s}"
+                                                     for k in subs) if gen else ""))
     print(f"headline acc {result['headline']['value']:.1f} % ({result['questions']} questions, "
           f"{len(result['skipped'])} videos skipped) -> {args.out}")
 

@@ -179,6 +179,8 @@ class ChatTask:
     qformer_max_len: int = 64        # Q-Former instruction tokens (the last ones kept)
     split_qa: bool = False           # instruct: each QA its own sample (else a record is one conversation)
     train_vision: bool = False       # instruct: the vision encoder trains too (else frozen, as in caption)
+    caption_lora: bool = False       # caption: LoRA on the LLM trains too (official: frozen LLM); instruct goes on
+                                     # with these adapters
     lora_r: int = 16                 # instruct: LoRA on q, k, v, o, gate, up, down and lm_head
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1

@@ -165,10 +165,10 @@ def test_qa_eval_counts_per_type_and_subset_and_skips_broken_videos(world, tmp_p
     assert result["metrics"]["colour"]["chance"] == pytest.approx(25.0)
 
 
-def run(*args, nproc=1, check=True, timeout=900):
+def run(*args, nproc=1, check=True, timeout=900, stdin=None):
     cmd = [sys.executable, *(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
                              if nproc > 1 else []), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, input=stdin)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -209,15 +209,33 @@ def test_the_chain_trains_resumes_and_answers(world, tmp_path):
 
     results = tmp_path / "qa.json"
     qa = run("eval.py", "qa", "--ckpt", str(out), "--data", os.path.join(ann, "instruct_test.json"),
-             f"--data-root={world}", "--out", str(results))
-    assert "summed log-probability" in qa.stdout
+             f"--data-root={world}", "--out", str(results), "--generate")
+    assert "summed log-probability" in qa.stdout and "generated: exact" in qa.stdout
     r = json.loads(results.read_text())
     assert r["questions"] == sum(len(x["QA"]) for x in json.load(open(os.path.join(ann, "instruct_test.json"))))
     assert set(r["metrics"]) >= {"all", "colour", "shape", "motion"}
+    per_q = r["per_question"]
+    assert r["metrics"]["all"]["gen_acc"] == pytest.approx(100 * sum(q["generated"].lower() == q["options"][q[
+        "answer"]].lower() for q in per_q) / len(per_q))
     video = os.path.join(world, json.load(open(os.path.join(ann, "instruct_test.json")))[0]["video"])
     chat = run("eval.py", "chat", "--ckpt", str(out / "instruct"), "--video", video, "--question",
                "what colour is the square?", "--question", "what does it do first?", "--max-new-tokens=4")
     assert chat.stdout.count("Q: ") == 2 and chat.stdout.count("A: ") == 2
+    typed = run("eval.py", "chat", "--ckpt", str(out), "--video", video, "--max-new-tokens=4",
+                stdin="what colour is the square?\nwhat shape is it?\n\nnot asked\n")
+    assert typed.stdout.count("model> ") == 2 and "not asked" not in typed.stdout
     bad = run("eval.py", "chat", "--ckpt", str(out), "--video", str(tmp_path / "missing.mp4"), "--question", "hi",
               check=False)
     assert bad.returncode != 0 and "missing.mp4" in bad.stderr
+
+
+def test_the_default_command_from_a_clean_checkout(tmp_path):
+    """`train.py --stage 3` with nothing else but --max-steps, in a folder without a stage-2 run: the world and its
+    tokenizer are made on first use, the video encoder starts random (said in the log), every phase runs."""
+    e = dict(env(), IVMINI_DATA=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "3", "--max-steps", "2"],
+                          cwd=tmp_path, env=e, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "starts RANDOM" in proc.stderr
+    for phase in ("lm", "caption", "instruct"):
+        assert latest_checkpoint(str(tmp_path / "runs" / "stage3" / phase / "checkpoints")).endswith("step_00000002")

@@ -46,7 +46,7 @@ from ..data import synthetic
 from ..data.datasets import VideoDataset, read_instruct_json, read_stage2_json
 from ..dist import consolidate, latest_checkpoint, read_meta
 from ..llm import LLM_PRESETS, LLMConfig
-from ..lora import TARGETS, LoRAConfig, apply_lora
+from ..lora import TARGETS, LoRAConfig, apply_lora, mark_only_lora_trainable
 from ..qformer import QFormerConfig
 from ..tasks import CHAT_PHASES
 from ..text import WordPieceTokenizer
@@ -299,8 +299,9 @@ def build(cfg, device):
     start = previous_phase(cfg)
     if start is not None:                             # the previous phase's whole model, strictly
         theirs = ChatModelConfig(**read_meta(start)["model_config"])
-        if theirs.lora is not None:
-            raise ValueError(f"{start} holds a LoRA-adapted model (phase instruct); start from a caption or lm run")
+        if theirs.lora is not None:                   # its adapters (caption_lora) carry on
+            model.cfg.lora = theirs.lora
+            apply_lora(model.lm, theirs.lora)
         model.load_state_dict(consolidate(start))
         how = f"from {start}"
     else:
@@ -322,10 +323,13 @@ def build(cfg, device):
     else:
         for part in (model.qformer, model.project_up):
             part.requires_grad_(True)
+    if t.phase == "instruct" or (t.phase == "caption" and t.caption_lora):
+        if model.cfg.lora is None:
+            targets = tuple(x for x in TARGETS if not (x == "lm_head" and llm_cfg.tie_word_embeddings))
+            model.cfg.lora = LoRAConfig(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)
+            apply_lora(model.lm, model.cfg.lora)
+        mark_only_lora_trainable(model.lm)            # adapters are the only trainable LLM weights
     if t.phase == "instruct":
-        targets = tuple(x for x in TARGETS if not (x == "lm_head" and llm_cfg.tie_word_embeddings))
-        model.cfg.lora = LoRAConfig(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)
-        apply_lora(model.lm, model.cfg.lora)          # adapters are the only trainable LLM weights
         model.vision_encoder.requires_grad_(t.train_vision)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("stage 3, phase %s: %s; %.2f M parameters, %.2f M trained (vision %.2f M, Q-Former %.2f M, LLM %.2f M)",
