@@ -255,13 +255,14 @@ def stage3(preset="tiny") -> TrainConfig:
     """Stage 3. Official (VideoChat2's recipe, facts §5.2; the InternVideo2-Chat training code is not released):
     caption then instruct, AdamW wd 0.02, betas (0.9, 0.999), cosine; pass --llm (Mistral-7B-Instruct) and its
     tokenizer. tiny: the tiny LLM trained first on the world's text (phase lm), a 2-layer Q-Former of width 128
-    with 16 + 8 queries, each QA its own sample, a few CPU minutes per phase on 2 ranks."""
+    with 16 + 8 queries, a few CPU minutes per phase on 2 ranks, 10x the official rates. Measured on the world's
+    test QA: whole records as conversations (split_qa=false, the official way) reach 80 % on colour where one QA
+    per sample reached 67 %; training the vision tower in instruct (lr 5e-4) fell to 37 %."""
     cfg = TrainConfig(stage=3, preset=preset, out="runs/stage3", lr_scaling="none", weight_decay=0.02, beta2=0.999,
                       eps=1e-8, clip_grad=1.0, warmup_steps=20, task=ChatTask())
     if preset == "tiny":
         task = ChatTask(num_query_token=16, extra_num_query_token=8, qformer_hidden=128, qformer_layers=2,
-                        qformer_heads=4, max_txt_len=128, split_qa=True, lm_lr=2e-3, caption_lr=1e-3,
-                        instruct_lr=5e-4)
+                        qformer_heads=4, max_txt_len=128, lm_lr=2e-3, caption_lr=1e-3, instruct_lr=5e-4)
         return replace(cfg, batch_size=8, log_every=10, ckpt_every=100, task=task,
                        max_steps=max(task.lm_steps, task.caption_steps, task.instruct_steps))
     return replace(cfg, batch_size=4, workers=8, act_ckpt=True, log_every=50, ckpt_every=1000,
