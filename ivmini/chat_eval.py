@@ -195,7 +195,7 @@ def main(argv=None, prog=None):
     task = dict(info["task"] or {"tokenizer": "", "llm": "", "qformer_vocab": "", "max_txt_len": 512,
                                  "qformer_max_len": 64})
     task.update({k: v for k, v in (("tokenizer", args.tokenizer), ("qformer_vocab", args.qformer_vocab)) if v})
-    if info["task"] is None and not args.tokenizer:
+    if info["task"] is None and not (args.tokenizer and args.qformer_vocab):
         ap.error("a chat file needs --tokenizer (the LLM's tokenizer.model) and --qformer-vocab (BERT's vocab.txt)")
     tok, qtok = tokenizers(task)
     max_len = args.max_len or task["max_txt_len"]

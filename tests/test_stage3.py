@@ -32,6 +32,8 @@ def test_phases_plan_folders_steps_and_learning_rates(tmp_path):
     assert all(p.warmup_steps <= p.max_steps // 10 for p in plan)
     full = stage3.phases(train_config(3, out=str(tmp_path)))
     assert [p.max_steps for p in full] == [cfg.task.lm_steps, cfg.task.caption_steps, cfg.task.instruct_steps]
+    chained = stage3.phases(train_config(3, out=str(tmp_path), init=str(tmp_path / "other")))
+    assert [p.task.init for p in chained] == [str(tmp_path / "other"), "auto", "auto"]   # --init starts the chain
     # a released LLM skips phase lm, and cannot run it
     assert [p.task.phase for p in stage3.phases(train_config(3, llm=str(tmp_path)))] == ["caption", "instruct"]
     with pytest.raises(ValueError, match="skips it"):
@@ -239,3 +241,18 @@ def test_the_default_command_from_a_clean_checkout(tmp_path):
     assert "starts RANDOM" in proc.stderr
     for phase in ("lm", "caption", "instruct"):
         assert latest_checkpoint(str(tmp_path / "runs" / "stage3" / phase / "checkpoints")).endswith("step_00000002")
+
+
+def test_the_qformer_reads_a_bert_vocabulary_as_cls_text_sep(minilm):
+    """--qformer-vocab: the instruction as BERT ids, [CLS] ... [SEP] (the released chat model's Q-Former tokenizer
+    call), the last tokens kept when it is too long, left padding."""
+    from ivmini.chat import qformer_batch
+    from ivmini.text import WordPieceTokenizer
+    tok = stage3.BertInstructionTokenizer(os.path.join(minilm, "vocab.txt"))
+    wp = WordPieceTokenizer(os.path.join(minilm, "vocab.txt"))
+    ids = tok.encode("Watch the video, then answer.", bos=True, eos=True)
+    assert ids == wp("Watch the video, then answer.")["input_ids"][0].tolist()
+    assert ids[0] == wp.cls_token_id and ids[-1] == wp.sep_token_id
+    assert tok.encode("a b") == wp("a b")["input_ids"][0].tolist()[1:-1]
+    batch, mask = qformer_batch(["watch the video, then answer.", "hi"], tok, 4)
+    assert batch[0].tolist() == ids[-4:] and mask[1].tolist() == [0, 1, 1, 1] and batch[1, 0] == tok.pad_id

@@ -115,9 +115,11 @@ def phases(cfg):
         raise ValueError("--phase lm trains the tiny LLM; a released --llm skips it (use caption or instruct)")
     names = [p for p in CHAT_PHASES if not (p == "lm" and t.llm)] if t.phase == "all" else [t.phase]
     out = []
-    for name in names:
+    for k, name in enumerate(names):
         p = copy.deepcopy(cfg)
         p.out, p.task.phase = os.path.join(cfg.out, name), name
+        if k > 0:                                     # --init starts the chain; later phases go on from it
+            p.task.init = "auto"
         p.max_steps = min(getattr(t, f"{name}_steps"), cfg.max_steps)
         p.base_lr = getattr(t, f"{name}_lr")
         p.min_lr = p.base_lr / 100
