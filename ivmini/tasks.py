@@ -173,23 +173,23 @@ class ChatTask:
     num_query_token: int = 32        # Q-Former queries (official 32)
     extra_num_query_token: int = 64  # extra queries (official 64)
     qformer_hidden: int = 768        # Q-Former width (official BERT-base: 768, 12 layers, 12 heads)
-    qformer_layers: int = 12
-    qformer_heads: int = 12
+    qformer_layers: int = 12         # Q-Former layers (cross-attention every 2nd, from layer 0)
+    qformer_heads: int = 12          # Q-Former attention heads
     max_txt_len: int = 512           # LLM tokens per sample; later whole turns are dropped to fit (counted)
     qformer_max_len: int = 64        # Q-Former instruction tokens (the last ones kept)
-    split_qa: bool = False           # instruct: each QA its own sample (else a record is one conversation)
+    split_qa: bool = False           # lm, instruct: each QA its own sample (else a record is one conversation)
     train_vision: bool = False       # instruct: the vision encoder trains too (else frozen, as in caption)
     caption_lora: bool = False       # caption: LoRA on the LLM trains too (official: frozen LLM); instruct goes on
                                      # with these adapters
     lora_r: int = 16                 # instruct: LoRA on q, k, v, o, gate, up, down and lm_head
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lm_steps: int = 400              # steps of each phase (--max-steps caps them all)
-    caption_steps: int = 300
-    instruct_steps: int = 600
-    lm_lr: float = 1e-3              # peak learning rate of each phase (--base-lr is not read by stage 3)
-    caption_lr: float = 1e-4
-    instruct_lr: float = 2e-5
+    lora_alpha: float = 32.0         # LoRA scale alpha / r
+    lora_dropout: float = 0.1        # dropout on the adapters' input
+    lm_steps: int = 400              # steps of phase lm (--max-steps caps every phase)
+    caption_steps: int = 300         # steps of phase caption
+    instruct_steps: int = 600        # steps of phase instruct
+    lm_lr: float = 1e-3              # peak learning rate of phase lm (--base-lr is not read by stage 3)
+    caption_lr: float = 1e-4         # peak learning rate of phase caption
+    instruct_lr: float = 2e-5        # peak learning rate of phase instruct
 
     def problems(self):
         return failed_rules(self, [
