@@ -45,7 +45,8 @@ class QFormerConfig(BertConfig):
     def __post_init__(self):
         # the stage-2 xbert fields of BertConfig have no meaning here: the cross-attention layers are every
         # cross_attention_freq-th from layer 0, with K/V from vision_width
-        if self.fusion_layer is not None or self.encoder_width is not None:
+        # fusion_layer == num_hidden_layers is what BertConfig fills in ("no fusion"): a saved config round-trips
+        if self.fusion_layer not in (None, self.num_hidden_layers) or self.encoder_width is not None:
             raise ValueError("QFormerConfig takes vision_width and cross_attention_freq, not the stage-2 "
                              f"fusion_layer={self.fusion_layer} / encoder_width={self.encoder_width}")
         super().__post_init__()

@@ -266,3 +266,17 @@ def test_bad_inputs_are_named():
         qf(v, ids, torch.ones(2, NQ + NE + 6, dtype=torch.long))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         qf(v, torch.ones(2, 17, dtype=torch.long))
+
+
+def test_config_round_trips_through_asdict_and_refuses_stage2_fusion_fields():
+    """A checkpoint saves dataclasses.asdict(QFormerConfig); BertConfig fills in fusion_layer = num_hidden_layers,
+    which must read back. A stage-2 fusion split or an encoder_width is still refused."""
+    import dataclasses
+    from ivmini.qformer import QFormerConfig
+    cfg = QFormerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_query_token=3, vision_width=48)
+    assert QFormerConfig(**dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="fusion_layer"):
+        QFormerConfig(**{**dataclasses.asdict(cfg), "fusion_layer": 1})
+    with pytest.raises(ValueError, match="encoder_width"):
+        QFormerConfig(**{**dataclasses.asdict(cfg), "encoder_width": 48})

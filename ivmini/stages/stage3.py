@@ -77,8 +77,6 @@ class ChatModelConfig:
                           ("lora", LoRAConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                if name == "qformer":     # BertConfig fills these in; QFormerConfig takes them only as None
-                    value = {k: v for k, v in value.items() if k not in ("fusion_layer", "encoder_width")}
                 setattr(self, name, cls(**value))
 
 
